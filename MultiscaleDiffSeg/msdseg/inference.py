@@ -1,0 +1,250 @@
+"""The one inference entry point every front end calls (CLI, Slicer module, web app, cohorts).
+
+volume -> RAS model grid at the preset's entry depth -> normalise -> image features (once) ->
+DDIM sampling with SUF, S samples reduced on the fly -> probabilities -> exact input grid ->
+aseg labels + uncertainty + volumes.  Progress goes to a callback, cancellation is polled.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .backproject import backproject
+from .devices import autocast_dtype, is_out_of_memory, resolve_device
+from .diffusion import SamplingResult, ddim_sample
+from .errors import Cancelled, InputError
+from .geometry import ModelGrid, head_grid, image_on_grid
+from .io import squeeze_to_3d, validate_image
+from .labels import LabelTree, load_tree
+from .modelfile import LoadedModel, load_model
+from .volumes import structure_volumes
+
+log = logging.getLogger("msdseg")
+
+#: entry spacing (mm), DDIM steps, samples.  ``steps=0`` means one deterministic pass.
+PRESETS: dict[str, dict[str, float | int]] = {
+    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1},
+    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2},
+    "accurate": {"spacing_mm": 1.0, "steps": 6, "samples": 4},
+}
+#: Above this many voxels at the entry depth on a CPU, denoise in overlapping windows.
+WINDOW_THRESHOLD_VOXELS = 3_000_000
+WINDOW_ROI = (96, 96, 96)
+
+#: Plausible total brain volume (mL); outside it the input is most likely not a brain T1.
+BRAIN_ML_RANGE = (400.0, 2600.0)
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass
+class SegmentSettings:
+    preset: str = "balanced"
+    device: str = "auto"
+    steps: int | None = None
+    samples: int | None = None
+    uncertainty: bool = False
+    seed: int = 0
+    model: str | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    spacing_mm: float | None = None  # override the preset's entry resolution
+    check_brain: bool = True  # reject results whose brain volume is implausible
+
+    def resolved(self) -> dict[str, Any]:
+        if self.preset not in PRESETS:
+            raise InputError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        p = dict(PRESETS[self.preset])
+        if self.steps is not None:
+            if self.steps < 0:
+                raise InputError("--steps must be 0 (one deterministic pass) or more")
+            p["steps"] = self.steps
+        if self.samples is not None:
+            if self.samples < 1:
+                raise InputError("--samples must be at least 1")
+            p["samples"] = self.samples
+        if self.spacing_mm is not None:
+            p["spacing_mm"] = self.spacing_mm
+        return p
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image
+    uncertainty: sitk.Image | None
+    volumes: dict[str, float]
+    tree: LabelTree
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
+
+
+def get_model(path: str | None, device: torch.device) -> LoadedModel:
+    """Load once per (file, device): cohorts and worker processes reuse the network."""
+    key = (str(path), str(device))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = load_model(path, device)
+    return _MODEL_CACHE[key]
+
+
+def segment_image(
+    image: sitk.Image,
+    settings: SegmentSettings | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> SegmentationResult:
+    """Segment one T1 volume; the input image is not modified."""
+    settings = settings or SegmentSettings()
+    report = progress or (lambda f, m: None)
+    check = cancel or (lambda: False)
+    t_start = time.time()
+    params = settings.resolved()
+    image = squeeze_to_3d(image)
+    validate_image(image, "input")
+    device = resolve_device(settings.device)
+    loaded = get_model(settings.model, device)
+    model = loaded.model
+    tree = load_tree()
+    spacing = float(params["spacing_mm"])
+    entry = model.cfg.depth_of(spacing)
+    report(0.02, f"placing the {spacing:g} mm model grid")
+    grid = head_grid(image, spacing)
+    values = image_on_grid(image, grid)
+    if check():
+        raise Cancelled("cancelled")
+    result, used_device = _sample_with_fallback(
+        model, grid, values, entry, params, settings, device, report, check
+    )
+    report(0.92, "mapping labels back to the input grid")
+    labels, unc = backproject(
+        result.mean, grid, image, tree.channel_to_aseg,
+        uncertainty=result.entropy if settings.uncertainty else None,
+    )
+    arr = sitk.GetArrayViewFromImage(labels)
+    volumes = structure_volumes(np.asarray(arr), image.GetSpacing(), tree)
+    if loaded.trained and settings.check_brain:
+        _check_brain_like(volumes.get(tree.root.id, 0.0))
+    info = {
+        "model": loaded.name,
+        "trained": loaded.trained,
+        "device": str(used_device),
+        "preset": settings.preset,
+        "spacing_mm": spacing,
+        "steps": int(params["steps"]),
+        "samples": int(params["samples"]),
+        "seed": settings.seed,
+        "seconds": round(time.time() - t_start, 2),
+        "mean_uncertainty": float(result.entropy.mean()),
+        "grid_origin_ras": list(grid.origin_ras),
+        "grid_shape": list(grid.shape),
+    }
+    report(1.0, "done")
+    return SegmentationResult(labels, unc, volumes, tree, info)
+
+
+def predict_on_grid(
+    model: torch.nn.Module,
+    grid: ModelGrid,
+    values: np.ndarray,
+    entry: int,
+    steps: int,
+    samples: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    windowed: bool | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> SamplingResult:
+    """Sampling on a prepared model grid (also used by evaluation and the training tests)."""
+    device = torch.device(device)
+    dtype = autocast_dtype(device, precision)
+    image = torch.from_numpy(values)[None, None].float().to(device)
+    coords = torch.from_numpy(grid.coordinates())[None].to(device)
+    shape = (model.cfg.n_classes, *grid.shape)
+    if windowed is None:
+        windowed = device.type == "cpu" and int(np.prod(grid.shape)) > WINDOW_THRESHOLD_VOXELS
+    ctx = lambda: torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    with torch.inference_mode():
+        if windowed:
+            denoise = _windowed_denoiser(model, image, coords, entry, ctx)
+        else:
+            with ctx():
+                feats = model.encode_image(image, coords, entry)
+
+            def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with ctx():
+                    logits = model.denoise(feats, x_t, t, entry)[0]
+                return torch.softmax(logits.float(), dim=1)
+
+        return ddim_sample(
+            denoise, shape, steps=steps, samples=samples, seed=seed, device=device,
+            progress=progress, cancel=cancel,
+        )
+
+
+def _windowed_denoiser(model, image, coords, entry, ctx):
+    """Denoise in overlapping windows with MONAI's sliding-window inference (bounded memory)."""
+    from monai.inferers import sliding_window_inference
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        stacked = torch.cat([image, coords, x_t], dim=1)
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            with ctx():
+                logits = model(patch[:, :1], patch[:, 4:], t.expand(patch.shape[0]), entry, patch[:, 1:4])[0]
+            return torch.softmax(logits.float(), dim=1)
+
+        roi = tuple(min(r, s) for r, s in zip(WINDOW_ROI, image.shape[2:]))
+        return sliding_window_inference(stacked, roi, 1, predictor, overlap=0.25, mode="gaussian")
+
+    return denoise
+
+
+def _sample_with_fallback(model, grid, values, entry, params, settings, device, report, check):
+    """Sample on ``device``; on out-of-memory retry in windows, then on the CPU, with a warning."""
+    attempts: list[tuple[torch.device, bool | None]] = [(device, None)]
+    if device.type != "cpu":
+        attempts += [(device, True), (torch.device("cpu"), True)]
+    else:
+        attempts += [(device, True)]
+    last_exc: BaseException | None = None
+    for dev, windowed in attempts:
+        try:
+            model.to(dev)
+            res = predict_on_grid(
+                model, grid, values, entry, int(params["steps"]), int(params["samples"]),
+                settings.seed, dev, settings.precision, windowed,
+                progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=check,
+            )
+            return res, dev
+        except Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_out_of_memory(exc):
+                raise
+            last_exc = exc
+            msg = f"out of memory on {dev}{' (windowed)' if windowed else ''}; retrying with less memory"
+            warnings.warn(msg)
+            log.warning(msg)
+            report(0.05, msg)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    raise InputError(f"out of memory even with windowed inference on the CPU ({last_exc})")
+
+
+def _check_brain_like(brain_ml: float) -> None:
+    lo, hi = BRAIN_ML_RANGE
+    if not lo <= brain_ml <= hi:
+        raise InputError(
+            f"segmented brain volume {brain_ml:.0f} mL is implausible ({lo:.0f}-{hi:.0f} mL expected): "
+            "the input does not look like a T1-weighted brain MRI"
+        )

@@ -1,0 +1,197 @@
+"""Multiscale denoising U-Net: one depth per image resolution, an entry and a head at every depth.
+
+Why this shape:
+- *Every depth is a resolution* (1, 2, 4, 8 mm by default).  Depth ``d`` has its own image entry
+  and its own output head, so inference can start at any depth and skip the finer ones: the same
+  weights give a fast coarse answer on a CPU and a fine one on a GPU.
+- *Diff-UNet fusion*: a separate image encoder turns the image into features at every depth, which
+  are added to the denoiser's features.  The image features do not depend on the noisy labels or
+  the timestep, so sampling computes them once per volume and reuses them for every DDIM step and
+  every sample; the per-step denoiser can stay light.  This is what makes several diffusion steps
+  affordable on two CPU cores.
+- The noisy one-hot labels ``x_t`` enter at the entry depth and, average-pooled, at every coarser
+  depth too, so each depth sees the current label estimate at its own resolution.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters (stored in every model file's JSON config)."""
+
+    n_classes: int = 33
+    image_channels: int = 1
+    coord_channels: int = 3
+    spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    image_channels_per_depth: tuple[int, ...] = (8, 16, 32, 64)
+    time_dim: int = 64
+    groups: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("spacings_mm", "channels", "image_channels_per_depth"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    @property
+    def depths(self) -> int:
+        return len(self.spacings_mm)
+
+    def depth_of(self, spacing_mm: float) -> int:
+        for d, s in enumerate(self.spacings_mm):
+            if abs(s - spacing_mm) < 1e-6:
+                return d
+        raise ValueError(f"no depth at {spacing_mm} mm (depths: {self.spacings_mm})")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(ch: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, ch), ch)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block; optional FiLM (scale, shift) from the timestep embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, time_dim: int | None = None):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch, groups)
+        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
+        self.film = nn.Linear(time_dim, 2 * out_ch) if time_dim else None
+        self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None and temb is not None:
+            scale, shift = self.film(temb)[:, :, None, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return h + self.skip(x)
+
+
+class ImageEncoder(nn.Module):
+    """Image-only pyramid (Diff-UNet's separate feature encoder): one entry per depth."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.image_channels_per_depth
+        cin = cfg.image_channels + cfg.coord_channels
+        self.entries = nn.ModuleList([nn.Conv3d(cin, c, 3, padding=1) for c in ch])
+        self.blocks = nn.ModuleList([ResBlock(c, c, cfg.groups) for c in ch])
+        self.downs = nn.ModuleList([nn.Conv3d(ch[d], ch[d + 1], 2, stride=2) for d in range(len(ch) - 1)])
+
+    def forward(self, images: list[torch.Tensor], entry: int) -> list[torch.Tensor]:
+        """``images[d]`` is the image (+coords) at depth ``entry + d``; returns features per depth."""
+        feats: list[torch.Tensor] = []
+        h = None
+        for i, img in enumerate(images):
+            d = entry + i
+            x = self.entries[d](img)
+            if h is not None:
+                x = x + self.downs[d - 1](h)
+            h = self.blocks[d](x)
+            feats.append(h)
+        return feats
+
+
+class MultiscaleDiffUNet(nn.Module):
+    """Predicts clean label logits x0 at every depth from the image and noisy labels x_t."""
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        ch, ich = cfg.channels, cfg.image_channels_per_depth
+        D = cfg.depths
+        self.image_encoder = ImageEncoder(cfg)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim)
+        )
+        self.label_entries = nn.ModuleList([nn.Conv3d(cfg.n_classes, c, 1) for c in ch])
+        self.image_fuse = nn.ModuleList([nn.Conv3d(ich[d], ch[d], 1) for d in range(D)])
+        self.enc = nn.ModuleList([ResBlock(c, c, cfg.groups, cfg.time_dim) for c in ch])
+        self.downs = nn.ModuleList([nn.Conv3d(ch[d], ch[d + 1], 2, stride=2) for d in range(D - 1)])
+        self.ups = nn.ModuleList([nn.ConvTranspose3d(ch[d + 1], ch[d], 2, stride=2) for d in range(D - 1)])
+        self.dec = nn.ModuleList(
+            [ResBlock(2 * ch[d], ch[d], cfg.groups, cfg.time_dim) for d in range(D - 1)]
+        )
+        self.heads = nn.ModuleList([nn.Conv3d(c, cfg.n_classes, 1) for c in ch])
+
+    # ------------------------------------------------------------------ helpers
+    def image_pyramid(self, image: torch.Tensor, coords: torch.Tensor | None, entry: int) -> list[torch.Tensor]:
+        """Image (+coords) at the entry depth, average-pooled to every coarser depth."""
+        x = image if coords is None else torch.cat([image, coords], dim=1)
+        pyramid = [x]
+        for _ in range(entry + 1, self.cfg.depths):
+            x = F.avg_pool3d(x, 2)
+            pyramid.append(x)
+        return pyramid
+
+    def encode_image(self, image: torch.Tensor, coords: torch.Tensor | None, entry: int) -> list[torch.Tensor]:
+        """Image features per depth; compute once per volume and pass to :meth:`denoise`."""
+        return self.image_encoder(self.image_pyramid(image, coords, entry), entry)
+
+    def denoise(
+        self, image_feats: list[torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, entry: int
+    ) -> list[torch.Tensor]:
+        """Logits of x0 at depths entry..D-1 (finest first)."""
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
+        skips: list[torch.Tensor] = []
+        h = None
+        xt = x_t
+        for i, feat in enumerate(image_feats):
+            d = entry + i
+            if i > 0:
+                xt = F.avg_pool3d(xt, 2)
+            x = self.label_entries[d](xt) + self.image_fuse[d](feat)
+            if h is not None:
+                x = x + self.downs[d - 1](h)
+            h = self.enc[d](x, temb)
+            skips.append(h)
+        outs = [self.heads[-1](h)]
+        for i in range(len(image_feats) - 2, -1, -1):
+            d = entry + i
+            up = self.ups[d](h)
+            h = self.dec[d](torch.cat([up, skips[i]], dim=1), temb)
+            outs.append(self.heads[d](h))
+        return outs[::-1]
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        entry: int = 0,
+        coords: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        return self.denoise(self.encode_image(image, coords, entry), x_t, t, entry)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def required_multiple(cfg: ModelConfig, entry: int) -> int:
+    """Spatial sizes at the entry depth must be divisible by this (one halving per coarser depth)."""
+    return 2 ** (cfg.depths - 1 - entry)

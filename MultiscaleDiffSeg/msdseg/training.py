@@ -1,0 +1,277 @@
+"""Training loop: synthetic (or paired) samples -> noisy labels -> per-depth hierarchical loss.
+
+Each step draws one *mode*: an entry depth plus either the whole field of view or a patch.  Whole
+volumes at a coarse depth teach global context (left vs right, where the cerebellum is) cheaply;
+patches at fine depths teach boundaries without the memory of a fine whole volume.  That is the
+"mixed patch and whole-volume batches" of the design, and it trains every depth's entry and head.
+
+Checkpoints hold weights and optimiser state as safetensors plus a JSON of counters and RNG state,
+written atomically every few minutes and on SIGINT/SIGTERM, so an interrupted run resumes where
+it stopped.  A CSV log records every logged step.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .diffusion import make_train_scheduler, noisy_labels
+from .labels import LabelTree
+from .losses import HierarchicalLoss
+from .model import ModelConfig, MultiscaleDiffUNet
+from .modelfile import load_model, save_model
+from .synth import SyntheticGenerator, TrainingSample
+
+
+@dataclass
+class TrainMode:
+    """One kind of training step: entry spacing, patch shape (None = whole FOV), probability."""
+
+    spacing_mm: float
+    crop: tuple[int, int, int] | None
+    weight: float
+
+
+DEFAULT_MODES = (
+    TrainMode(4.0, None, 0.35),
+    TrainMode(2.0, (64, 64, 64), 0.45),
+    TrainMode(1.0, (64, 64, 64), 0.20),
+)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    max_steps: int = 20000
+    max_minutes: float | None = None
+    lr: float = 2e-3
+    min_lr: float = 5e-5
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None
+    bf16: bool = False
+    channels_last: bool = False
+    grad_clip: float = 1.0
+    modes: tuple[TrainMode, ...] = DEFAULT_MODES
+    depth_weights: tuple[float, ...] = (1.0, 0.6, 0.4, 0.3)
+    init_model: str | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+SampleFn = Callable[[np.random.Generator, TrainMode], TrainingSample]
+
+
+class Trainer:
+    """Owns model, optimiser, sampler and checkpoints; :meth:`run` trains until a limit."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        tree: LabelTree,
+        sample_fn: SampleFn,
+        model_cfg: ModelConfig | None = None,
+        metadata: dict | None = None,
+        device: str = "cpu",
+    ):
+        self.cfg = cfg
+        self.tree = tree
+        self.sample_fn = sample_fn
+        self.device = torch.device(device)
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.init_model:
+            self.model = load_model(cfg.init_model).model
+        else:
+            self.model = MultiscaleDiffUNet(model_cfg or ModelConfig(n_classes=tree.n_classes))
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.loss = HierarchicalLoss(tree, depth_weights=list(cfg.depth_weights))
+        self.sched = make_train_scheduler()
+        self.step = 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.metadata = metadata or {}
+        self.elapsed = 0.0
+        self._stop = False
+        self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_weights(self) -> Path:
+        return self.out / "checkpoint.safetensors"
+
+    @property
+    def ckpt_state(self) -> Path:
+        return self.out / "checkpoint.json"
+
+    def save_checkpoint(self) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        for i, group in enumerate(self.opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                st = self.opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st:
+                        tensors[f"opt.{i}.{j}.{key}"] = st[key].detach().cpu().contiguous()
+                if "step" in st:
+                    tensors[f"opt.{i}.{j}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+        tmp = self.ckpt_weights.with_name("checkpoint.tmp.safetensors")
+        save_file(tensors, str(tmp))
+        state = {
+            "step": self.step,
+            "elapsed_seconds": self.elapsed,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": self.torch_gen.get_state().tolist(),
+            "architecture": self.model.cfg.to_dict(),
+            "train_config": _jsonable(asdict(self.cfg)),
+        }
+        tmp_json = self.ckpt_state.with_name("checkpoint.tmp.json")
+        tmp_json.write_text(json.dumps(state))
+        os.replace(tmp, self.ckpt_weights)
+        os.replace(tmp_json, self.ckpt_state)
+
+    def _resume(self) -> None:
+        if not (self.ckpt_weights.exists() and self.ckpt_state.exists()):
+            return
+        state = json.loads(self.ckpt_state.read_text())
+        tensors = load_file(str(self.ckpt_weights))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, group in enumerate(self.opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                if f"opt.{i}.{j}.exp_avg" in tensors:
+                    self.opt.state[p] = {
+                        "exp_avg": tensors[f"opt.{i}.{j}.exp_avg"].to(self.device),
+                        "exp_avg_sq": tensors[f"opt.{i}.{j}.exp_avg_sq"].to(self.device),
+                        "step": tensors[f"opt.{i}.{j}.step"].reshape(()),
+                    }
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self.rng.bit_generator.state = state["rng"]
+        self.torch_gen.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+
+    # ------------------------------------------------------------------ training
+    def _pick_mode(self) -> TrainMode:
+        w = np.array([m.weight for m in self.cfg.modes], float)
+        return self.cfg.modes[int(self.rng.choice(len(w), p=w / w.sum()))]
+
+    def train_step(self) -> dict[str, float]:
+        mode = self._pick_mode()
+        sample = self.sample_fn(self.rng, mode)
+        entry = self.model.cfg.depth_of(mode.spacing_mm)
+        dev = self.device
+        image = sample.image[None].to(dev)
+        coords = sample.coords[None].to(dev)
+        target = sample.target[None].to(dev)
+        weight = sample.weight[None].to(dev)
+        cmask = sample.channel_mask[None].to(dev)
+        imask = sample.internal_mask[None].to(dev)
+        x_t, t = noisy_labels(self.sched, target, self.torch_gen)
+        if self.cfg.channels_last:
+            image, x_t = (x.contiguous(memory_format=torch.channels_last_3d) for x in (image, x_t))
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg)
+        self.model.train()
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.model(image, x_t, t, entry=entry, coords=coords)
+        loss, parts = self.loss([lg.float() for lg in logits], target, weight, cmask, imask)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        parts.update({"entry_mm": mode.spacing_mm, "crop": 0 if mode.crop is None else mode.crop[0],
+                      "t": int(t[0]), "grad_norm": float(gnorm), "lr": lr_at(self.step - 1, self.cfg)})
+        return parts
+
+    def request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def run(
+        self,
+        progress: Callable[[int, dict], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        handle_signals: bool = True,
+    ) -> int:
+        """Train until ``max_steps``, ``max_minutes`` (this run), a signal or ``cancel()``."""
+        if handle_signals:
+            old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        start = time.time()
+        last_ckpt = start
+        log_path = self.out / "train_log.csv"
+        new_log = not log_path.exists()
+        try:
+            with open(log_path, "a", newline="") as log:
+                writer = None
+                while self.step < self.cfg.max_steps and not self._stop:
+                    if cancel is not None and cancel():
+                        break
+                    if self.cfg.max_minutes is not None and time.time() - start > 60 * self.cfg.max_minutes:
+                        break
+                    t0 = time.time()
+                    parts = self.train_step()
+                    dt = time.time() - t0
+                    self.elapsed += dt
+                    parts.update({"step": self.step, "seconds": round(dt, 3), "elapsed": round(self.elapsed, 1)})
+                    if self.step % self.cfg.log_every == 0 or self.step == 1:
+                        if writer is None:
+                            writer = csv.DictWriter(log, fieldnames=list(parts.keys()), extrasaction="ignore")
+                            if new_log:
+                                writer.writeheader()
+                        writer.writerow(parts)
+                        log.flush()
+                    if progress is not None:
+                        progress(self.step, parts)
+                    if time.time() - last_ckpt > 60 * self.cfg.checkpoint_minutes:
+                        self.save_checkpoint()
+                        last_ckpt = time.time()
+        finally:
+            self.save_checkpoint()
+            if handle_signals:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return self.step
+
+    def export(self, path: str | Path, extra: dict | None = None) -> Path:
+        meta = dict(self.metadata)
+        meta.update(extra or {})
+        meta.update({"trained": True, "train_steps": self.step, "train_cpu_seconds": round(self.elapsed, 1),
+                     "label_tree": {"name": self.tree.name, "version": self.tree.version}})
+        return save_model(self.model, path, meta)
+
+
+def synthetic_sample_fn(generator: SyntheticGenerator) -> SampleFn:
+    def fn(rng: np.random.Generator, mode: TrainMode) -> TrainingSample:
+        return generator.sample(rng, mode.spacing_mm, mode.crop)
+
+    return fn
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,50 @@
+"""Shared test fixtures: small synthetic volumes with known geometry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_image(size, spacing, direction, centre_lps=(0.0, 0.0, 0.0), fn=None, dtype=np.float32) -> sitk.Image:
+    """Image whose voxel (i, j, k) holds ``fn(lps_points)``; centred on ``centre_lps``."""
+    size = tuple(int(s) for s in size)
+    direction = np.asarray(direction, float)
+    spacing = np.asarray(spacing, float)
+    half = (np.array(size) - 1) / 2.0
+    origin = np.asarray(centre_lps) - direction @ (spacing * half)
+    img = sitk.Image(list(size), sitk.sitkFloat32)
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection(direction.ravel().tolist())
+    img.SetOrigin(origin.tolist())
+    if fn is not None:
+        k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+        idx = np.stack([i, j, k], -1).astype(float)
+        pts = idx * spacing @ direction.T + origin
+        arr = fn(pts).astype(dtype)
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        return out
+    return img
+
+
+def phantom_fn(pts_lps: np.ndarray) -> np.ndarray:
+    """A head-like ellipsoid with a brighter blob in the LEFT hemisphere (LPS +x = left)."""
+    x, y, z = pts_lps[..., 0], pts_lps[..., 1], pts_lps[..., 2]
+    head = (x / 70) ** 2 + (y / 90) ** 2 + (z / 70) ** 2 < 1
+    blob = ((x - 30) / 20) ** 2 + (y / 25) ** 2 + (z / 20) ** 2 < 1
+    return 100.0 * head + 300.0 * blob
+
+
+@pytest.fixture
+def oblique_phantom() -> sitk.Image:
+    d = rotation(0.3, -0.2, 0.5) @ np.diag([1, -1, 1])  # rotated and flipped
+    return make_image((64, 80, 40), (2.5, 2.2, 4.0), d, (5.0, -10.0, 20.0), phantom_fn)
