@@ -348,7 +348,7 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.estimateLabel.text = str(exc)
             return
         if self.logic.deviceProbeError:
-            self.ui.estimateLabel.text = _("Device: unknown until PyTorch is installed (on the first run).")
+            self.ui.estimateLabel.text = _("Device: unknown ({reason}).").format(reason=self.logic.deviceProbeError)
             return
         choice = resolve_device(settings.device, self.logic.deviceProbe)
         volume = self._parameterNode.inputVolume
@@ -367,9 +367,12 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.logic.ensureDependencies(askConfirmation=True)
             self._startDeviceProbe()
             p = self._parameterNode
+            output = p.outputSegmentation
+            if mrml.is_result_of_other_input(output, p.inputVolume):
+                output = None  # keep the other volume's result; reuse or create this volume's own
             self.ui.logTextEdit.clear()
             self._job = self.logic.segment(
-                p.inputVolume, settings=self._settings(), segmentationNode=p.outputSegmentation,
+                p.inputVolume, settings=self._settings(), segmentationNode=output,
                 callback=self.onProgress, onDone=self.onDone, blocking=False,
             )
             self.ui.progressBar.value = 0
@@ -396,12 +399,11 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = describe_result(result).capitalize()
         if result.status == "done" and result.nodes is not None:
-            nodes = result.nodes
-            self._parameterNode.outputSegmentation = nodes.segmentation
-            slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=None, fit=False)
+            if self._parameterNode:  # None when the scene was closed meanwhile
+                self._parameterNode.outputSegmentation = result.nodes.segmentation
+            slicer.util.setSliceViewerLayers(background=result.nodes.segmentation.GetNodeReference(
+                mrml.INPUT_REFERENCE_ROLE), fit=False)
             self.ui.showUncertaintyCheckBox.checked = False
-            for name in self.GROUP_CHECKBOXES:
-                getattr(self.ui, name).checked = True
             self._updateResultsPanel()
         elif result.status == "failed":
             slicer.util.errorDisplay(
@@ -557,16 +559,16 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         """Start a job and either wait for it (blocking) or poll it from a Qt timer."""
         if self.isRunning:
             raise RuntimeError("a segmentation is already running: cancel it or wait for it to finish")
+        if not blocking and qt is None:
+            raise RuntimeError("blocking=False needs the Slicer application (a Qt event loop); use blocking=True")
         self.job = job
         job.start()
         if blocking:
             while job.poll():
                 if HAVE_APPLICATION:
-                    slicer.app.processEvents()
+                    slicer.app.processEvents()  # keep Slicer responsive while waiting
                 time.sleep(0.05)
             return job.result
-        if qt is None:
-            raise RuntimeError("blocking=False needs the Slicer application (a Qt event loop); use blocking=True")
         self._ensureTimer()
         return job
 
@@ -711,24 +713,27 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
             return
         plan = self.dependencyPlan()
         if plan.torch_action != "none":
-            self.deviceProbeError = plan.torch_reason
+            self.deviceProbeError = f"{plan.torch_reason}; PyTorch is installed on the first run"
             if onResult:
                 onResult(None)
             return
         lines: list[str] = []
+        self.deviceProbeError = ""
 
         def finished(outcome) -> None:
             import json
 
             for line in reversed(lines):
                 try:
-                    self.deviceProbe = json.loads(line)
-                    break
+                    answer = json.loads(line)
                 except ValueError:
                     continue
+                if isinstance(answer, dict) and "cuda" in answer:
+                    self.deviceProbe = answer
+                    break
             if self.deviceProbe is None:
-                self.deviceProbeError = outcome.error or "no answer from the device probe"
-                self.log(f"Device probe failed: {self.deviceProbeError}")
+                self.deviceProbeError = f"PyTorch could not be started: {outcome.error or 'no answer'}; see the Log"
+                self.log(f"Device probe failed: {outcome.error}\n" + "\n".join(outcome.stderr_tail))
             if onResult:
                 onResult(self.deviceProbe)
 

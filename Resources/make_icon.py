@@ -1,7 +1,7 @@
 """Draw the extension/module icon: an axial brain slice in FreeSurfer aseg colours, coarse on one
 side and fine on the other (multiscale), on a dark rounded tile."""
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 S = 512  # draw large, downsample for smooth edges
 y, x = np.mgrid[0:S, 0:S].astype(float)

@@ -16,7 +16,9 @@ Design decisions (see docs/slicer_extension.md, "Results"):
   the visibility of its segments, so hiding a hemisphere is one click in the Data module, and
   :func:`set_group_visibility` does the same from code.
 * **Re-running replaces, never duplicates**: result nodes carry the attribute
-  ``MultiscaleDiffSeg.Role`` and a node reference to their input volume, and are reused.
+  ``MultiscaleDiffSeg.Role`` and a node reference to their input volume, and are reused in place
+  (node IDs and references stay valid).  A segmentation the user picked as output is marked
+  ``chosen`` and is never taken over by an automatic re-run, so two results can be compared.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ ROLE_VOLUMES = "volumes"
 ROLE_FOLDER = "results"
 ROLE_GROUP = "group"
 GROUP_ATTRIBUTE = "MultiscaleDiffSeg.Group"
+#: "auto": created by the module for its input (reused when that input is segmented again);
+#: "chosen": a node the user picked as output (only reused when picked again).
+OUTPUT_ATTRIBUTE = "MultiscaleDiffSeg.Output"
 INFO_ATTRIBUTE_PREFIX = "MultiscaleDiffSeg.Info."
 SEGMENTATION_ID_ATTRIBUTE = "MultiscaleDiffSeg.SegmentationNodeID"
 
@@ -449,6 +454,26 @@ def result_nodes_of(scene, input_volume, role: str) -> list:
     return found
 
 
+def is_auto_result_of(node, input_volume) -> bool:
+    """True for the segmentation the module created for ``input_volume`` (not a user-chosen node)."""
+    return (node.GetAttribute(ROLE_ATTRIBUTE) == ROLE_SEGMENTATION
+            and node.GetAttribute(OUTPUT_ATTRIBUTE) == "auto"
+            and node.GetNodeReferenceID(INPUT_REFERENCE_ROLE) == input_volume.GetID())
+
+
+def is_result_of_other_input(node, input_volume) -> bool:
+    """True when ``node`` holds the module's automatic result of a *different* volume.
+
+    The GUI keeps the output selection when the user switches to another input; writing the new
+    input's result into the old input's node would silently destroy that result, so the widget
+    treats such a selection as "create new segmentation".
+    """
+    return (node is not None
+            and node.GetAttribute(ROLE_ATTRIBUTE) == ROLE_SEGMENTATION
+            and node.GetAttribute(OUTPUT_ATTRIBUTE) == "auto"
+            and node.GetNodeReferenceID(INPUT_REFERENCE_ROLE) not in (None, input_volume.GetID()))
+
+
 def _mark(node, role: str, input_volume) -> None:
     node.SetAttribute(ROLE_ATTRIBUTE, role)
     node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, input_volume.GetID())
@@ -610,9 +635,15 @@ def import_results(
     if uncertainty is not None:
         check_same_grid(uncertainty, input_volume, what="uncertainty map")
     name = input_volume.GetName()
-    previous = result_nodes_of(scene, input_volume, ROLE_SEGMENTATION)
-    segmentation = segmentation_node or _reuse_or_add(
-        scene, "vtkMRMLSegmentationNode", f"{name} brain structures", previous)
+    if segmentation_node is not None:
+        segmentation = segmentation_node
+        if not is_auto_result_of(segmentation, input_volume):
+            segmentation.SetAttribute(OUTPUT_ATTRIBUTE, "chosen")
+    else:
+        previous = [n for n in result_nodes_of(scene, input_volume, ROLE_SEGMENTATION)
+                    if n.GetAttribute(OUTPUT_ATTRIBUTE) == "auto"]
+        segmentation = _reuse_or_add(scene, "vtkMRMLSegmentationNode", f"{name} brain structures", previous)
+        segmentation.SetAttribute(OUTPUT_ATTRIBUTE, "auto")
     fill_segmentation(segmentation, input_volume, labels_kji, tree)
     _mark(segmentation, ROLE_SEGMENTATION, input_volume)
     for key, value in (info or {}).items():

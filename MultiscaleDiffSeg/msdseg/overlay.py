@@ -238,7 +238,7 @@ def save_comparison_png(
     Both label maps are shown on the reference grid; the image (if any) is resampled linearly onto it.
     """
     img_on_ref = _on_grid(image, ref, nearest=False) if image is not None else None
-    img, (p, r), spacing, shape = _arrays(img_on_ref if img_on_ref is not None else None, [ref, pred], [True, True])
+    img, (p, r), spacing, shape = _arrays(img_on_ref if img_on_ref is not None else None, [pred, ref], [True, True])
     if img is None:  # no image: a faint grey rendering of the reference foreground as background
         img = (r > 0).astype(np.float32) * 0.35
         window = (0.0, 1.0)

@@ -55,6 +55,15 @@ def run_training(args: argparse.Namespace) -> int:
     from .training import TrainConfig, Trainer, synthetic_sample_fn
 
     tree = load_tree()
+    if args.export:
+        from .training import export_checkpoint
+
+        doc = json.loads(Path(args.data).read_text()) if Path(args.data).exists() else {}
+        meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}),
+                         "maps": [f"{m['source']}/{m['name']}" for m in doc.get("maps", []) if m.get("role") == "train"]},
+                "label_tree": {"name": tree.name, "version": tree.version}}
+        print(export_checkpoint(args.out, args.export, meta))
+        return 0
     sources, doc = load_sources(Path(args.data), args.sources)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
@@ -62,9 +71,6 @@ def run_training(args: argparse.Namespace) -> int:
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
                      "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree)), metadata=meta)
-    if args.export:
-        print(trainer.export(args.export))
-        return 0
     print(f"training from step {trainer.step} on {len(sources)} maps; log: {Path(args.out) / 'train_log.csv'}", flush=True)
     step = trainer.run()
     print(f"stopped at step {step}", flush=True)

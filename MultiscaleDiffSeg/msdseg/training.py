@@ -275,3 +275,16 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+def export_checkpoint(run_dir: str | Path, path: str | Path, metadata: dict | None = None) -> Path:
+    """Turn a run's checkpoint into a model file without rebuilding the data pipeline."""
+    run = Path(run_dir)
+    state = json.loads((run / "checkpoint.json").read_text())
+    tensors = load_file(str(run / "checkpoint.safetensors"))
+    model = MultiscaleDiffUNet(ModelConfig.from_dict(state["architecture"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    meta = dict(metadata or {})
+    meta.update({"trained": True, "train_steps": state["step"],
+                 "train_cpu_seconds": round(float(state.get("elapsed_seconds", 0.0)), 1)})
+    return save_model(model, path, meta)

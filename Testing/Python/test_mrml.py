@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not installed")
-vtk = pytest.importorskip("vtk")
-slicerio = pytest.importorskip("slicerio")
+import slicerio  # noqa: E402 - a core dependency: missing is an error, not a skip
+import vtk  # noqa: E402 - comes with slicer-core
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "MultiscaleDiffSeg"
 sys.path.insert(0, str(MODULE_DIR))
@@ -391,6 +391,14 @@ def test_other_inputs_and_chosen_output_nodes_are_separate_results(scene, study_
     assert c.segmentation is chosen
     assert chosen.GetSegmentation().GetNumberOfSegments() == 32
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 3
+    # the automatic result of this volume is reused, not the user's comparison node
+    d = mrml.import_results(scene, volume, labels)
+    assert d.segmentation is a.segmentation and c.table is not a.table
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 3
+    # a selector still holding volume A's result while B is the input: not B's to overwrite
+    assert mrml.is_result_of_other_input(a.segmentation, other)
+    assert not mrml.is_result_of_other_input(a.segmentation, volume)
+    assert not mrml.is_result_of_other_input(chosen, other)
 
 
 # ----------------------------------------------------------------------------- volumes table

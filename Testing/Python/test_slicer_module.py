@@ -31,6 +31,14 @@ from MultiscaleDiffSegLib.process import BackgroundProcess, parse_progress, run_
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="process-tree check reads /proc")
 
+try:  # real MRML from slicer-core; without it only the Qt- and MRML-free parts are tested
+    import slicer
+
+    HAVE_SLICER = True
+except ImportError:
+    HAVE_SLICER = False
+needs_slicer = pytest.mark.skipif(not HAVE_SLICER, reason="slicer-core (real MRML) is not installed")
+
 # ----------------------------------------------------------------------------- a fake worker
 FAKE_WORKER = textwrap.dedent(r'''
     import json, os, subprocess, sys, time
@@ -418,6 +426,7 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in root.iter("widget")}
 
 
+@needs_slicer
 def test_ui_parameter_names_are_the_parameter_node_fields():
     import MultiscaleDiffSeg as module
 
@@ -434,6 +443,7 @@ def test_ui_parameter_names_are_the_parameter_node_fields():
     assert classes["uncertainty"] == "QCheckBox"
 
 
+@needs_slicer
 def test_widget_code_uses_only_widgets_that_exist_in_the_ui():
     import MultiscaleDiffSeg as module
 
@@ -469,6 +479,51 @@ def test_module_cmake_lists_every_module_python_file_and_globs_the_core():
         assert needle in top, needle
 
 
+CMAKE_STUB = """
+cmake_minimum_required(VERSION 3.16)
+project(stub NONE)
+set(BUILD_TESTING ON)
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(M "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(f ${M_SCRIPTS} ${M_RESOURCES})
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${f})
+      message(FATAL_ERROR "listed but missing: ${f}")
+    endif()
+  endforeach()
+  string(REPLACE ";" "\\n" s "${M_SCRIPTS}")
+  file(WRITE ${CMAKE_BINARY_DIR}/scripts.txt "${s}")
+  string(REPLACE ";" "\\n" r "${M_RESOURCES}")
+  file(WRITE ${CMAKE_BINARY_DIR}/resources.txt "${r}")
+endfunction()
+function(slicer_add_python_unittest)
+  file(WRITE ${CMAKE_BINARY_DIR}/unittest.txt "${ARGN}")
+endfunction()
+add_subdirectory(@MODULE_DIR@ module)
+"""
+
+
+def test_module_cmake_configures_with_stubbed_slicer_macros(tmp_path):
+    """Run the module's CMakeLists.txt with stand-ins for Slicer's macros: the globs find the whole
+    core (every msdseg .py file and the label tree), and every listed file exists."""
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    (tmp_path / "CMakeLists.txt").write_text(CMAKE_STUB.replace("@MODULE_DIR@", MODULE_DIR.as_posix()))
+    build = tmp_path / "build"
+    build.mkdir()
+    run = subprocess.run([cmake, str(tmp_path)], cwd=build, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    scripts = set((build / "scripts.txt").read_text().split())
+    core = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "msdseg").rglob("*.py")
+            if "__pycache__" not in p.parts}
+    assert core <= scripts and "MultiscaleDiffSeg.py" in scripts
+    assert "msdseg/resources/label_tree.json" in (build / "resources.txt").read_text().split()
+    assert (build / "unittest.txt").read_text() == "SCRIPT;MultiscaleDiffSeg.py"
+
+
 def test_extension_icon_is_128_pixels():
     from PIL import Image
 
@@ -488,10 +543,9 @@ def test_catalog_entry_follows_the_extensions_index_schema():
 
 
 # ----------------------------------------------------------------------------- MRML jobs
-slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not installed")
-
-from MultiscaleDiffSegLib import mrml  # noqa: E402
-from MultiscaleDiffSegLib.jobs import CohortJob, SegmentationJob, WorkerConfig, cohort_progress  # noqa: E402
+if HAVE_SLICER:
+    from MultiscaleDiffSegLib import mrml
+    from MultiscaleDiffSegLib.jobs import SegmentationJob, WorkerConfig, cohort_progress
 
 
 @pytest.fixture
@@ -536,6 +590,7 @@ def fake_job(volume, fake_worker, tmp_path, mode="segment", uncertainty=False, *
     return SegmentationJob(volume, settings, worker, command=command, **kwargs)
 
 
+@needs_slicer
 def test_segmentation_job_with_a_fake_worker_imports_the_results(scene, volume, fake_worker, tmp_path):
     progress = []
     job = fake_job(volume, fake_worker, tmp_path, uncertainty=True, on_progress=lambda f, m: progress.append(f)).start()
@@ -556,6 +611,7 @@ def test_segmentation_job_with_a_fake_worker_imports_the_results(scene, volume, 
     assert not job.temp_dir.exists()  # temporary files removed
 
 
+@needs_slicer
 def test_failed_worker_is_reported_and_leaves_the_scene_alone(scene, volume, fake_worker, tmp_path):
     before = scene.GetNumberOfNodes()
     result = fake_job(volume, fake_worker, tmp_path, mode="fail").start().wait()
@@ -563,12 +619,14 @@ def test_failed_worker_is_reported_and_leaves_the_scene_alone(scene, volume, fak
     assert scene.GetNumberOfNodes() == before
 
 
+@needs_slicer
 def test_output_on_the_wrong_grid_is_refused(scene, volume, fake_worker, tmp_path):
     result = fake_job(volume, fake_worker, tmp_path, mode="segment-wrong-grid").start().wait()
     assert result.status == "failed" and "not on the input volume's grid" in result.error
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+@needs_slicer
 @POSIX_ONLY
 def test_cancelling_a_job_stops_the_worker_and_removes_its_files(scene, volume, fake_worker, tmp_path):
     job = fake_job(volume, fake_worker, tmp_path, mode="tree").start()
@@ -581,6 +639,7 @@ def test_cancelling_a_job_stops_the_worker_and_removes_its_files(scene, volume, 
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+@needs_slicer
 def test_cohort_progress_is_spread_over_the_cases():
     assert cohort_progress(0.5, "[2/4] sub-02: step") == (0.375, "[2/4] sub-02: step")
     assert cohort_progress(0.5, "single case") == (0.5, "single case")
@@ -594,6 +653,7 @@ def module():
     return module
 
 
+@needs_slicer
 def test_module_imports_without_the_application_and_exposes_the_console_api(module):
     assert not module.HAVE_APPLICATION  # plain Python with slicer-core: the guarded Qt imports failed
     params = inspect.signature(module.MultiscaleDiffSegLogic.segment).parameters
@@ -606,6 +666,7 @@ def test_module_imports_without_the_application_and_exposes_the_console_api(modu
     assert "group" in inspect.signature(module.MultiscaleDiffSegLogic.set_group_visibility).parameters
 
 
+@needs_slicer
 def test_module_self_test_of_the_mrml_import_runs_headless(module, scene, monkeypatch):
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     test = module.MultiscaleDiffSegTest("test_ResultsToMRML")
@@ -613,6 +674,7 @@ def test_module_self_test_of_the_mrml_import_runs_headless(module, scene, monkey
     test.test_ResultsToMRML()
 
 
+@needs_slicer
 def test_sample_t1_is_checked_when_shipped(module):
     path = module.sampleT1Path()
     if path is None:
@@ -644,6 +706,7 @@ def logic(module, scene, monkeypatch, tmp_path):
     return logic
 
 
+@needs_slicer
 def test_console_segment_runs_the_real_core_worker(logic, volume, untrained_model):
     """Console API, blocking: volume node -> `python -m msdseg segment` -> 32 segments + uncertainty."""
     events = []
@@ -661,11 +724,20 @@ def test_console_segment_runs_the_real_core_worker(logic, volume, untrained_mode
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
+@needs_slicer
+def test_non_blocking_without_the_application_refuses_before_starting(logic, volume):
+    with pytest.raises(RuntimeError, match="blocking=False needs the Slicer application"):
+        logic.segment(volume, preset="fast", blocking=False)
+    assert logic.job is None and not logic.isRunning
+
+
+@needs_slicer
 def test_console_segment_failure_raises_with_the_workers_message(logic, volume, tmp_path):
     with pytest.raises(RuntimeError, match="model weights not found"):
         logic.segment(volume, preset="fast", device="cpu", model=str(tmp_path / "missing.safetensors"))
 
 
+@needs_slicer
 @POSIX_ONLY
 def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path):
     settings = st.RunSettings.from_values("accurate", "cpu", model=str(untrained_model))
@@ -683,6 +755,7 @@ def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path)
     assert not job.temp_dir.exists()
 
 
+@needs_slicer
 def test_segment_files_cohort_with_the_real_core(logic, untrained_model, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -704,3 +777,243 @@ def test_segment_files_cohort_with_the_real_core(logic, untrained_model, tmp_pat
                                 model=str(untrained_model), loadResults=True)
     assert cases2[0].status == "done"
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+# ----------------------------------------------------------------------------- the widget with stand-in Qt
+# The real widget needs PythonQt inside the Slicer application.  These stand-ins only record what the
+# widget does (texts, enabled states, connected slots) so that the widget's own code paths run:
+# Apply -> worker -> progress -> results panel -> group check boxes -> Cancel.  They say nothing about
+# the layout or the look, which only the application can show.
+import types  # noqa: E402
+import typing  # noqa: E402
+
+
+class FakeWidget:
+    """Any Qt widget: remembers properties and connected slots; ``emit`` calls the slots."""
+
+    def __init__(self, name: str = "") -> None:
+        self.__dict__.update(name=name, slots={}, enabled=True, checked=False, text="", toolTip="", value=0,
+                             format="", visible=True, log=[], segmentationNode=None)
+
+    def connect(self, signal: str, slot) -> None:
+        self.slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal: str, *args) -> None:
+        for slot in self.slots.get(signal, []):
+            slot(*args)
+
+    def __setattr__(self, key, value):
+        if key == "checked" and self.__dict__.get("checked") != value and not self.__dict__.get("blocked"):
+            self.__dict__[key] = value
+            self.emit("toggled(bool)", value)
+            return
+        self.__dict__[key] = value
+
+    def blockSignals(self, block: bool) -> bool:
+        was = self.__dict__.get("blocked", False)
+        self.__dict__["blocked"] = block
+        return was
+
+    def setRange(self, *args): pass
+    def hide(self): self.visible = False
+    def show(self): self.visible = True
+    def clear(self): self.log.clear()
+    def appendPlainText(self, text): self.log.append(text)
+    def setMRMLScene(self, scene): pass
+    def setSegmentationNode(self, node): self.segmentationNode = node
+
+
+def fake_ui_namespace() -> types.SimpleNamespace:
+    """One FakeWidget per widget of the real .ui file; unknown names raise AttributeError."""
+    return types.SimpleNamespace(**{name: FakeWidget(name) for name in ui_widgets()})
+
+
+class FakeTimer:
+    instances: list = []
+
+    def __init__(self) -> None:
+        self.active, self.slot = False, None
+        FakeTimer.instances.append(self)
+
+    def setInterval(self, ms): pass
+    def connect(self, signal, slot): self.slot = slot
+    def start(self): self.active = True
+    def stop(self): self.active = False
+    def isActive(self): return self.active
+
+
+def fake_parameter_node_wrapper(scene):
+    def wrapper(cls):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        defaults = {name: getattr(cls, name, None) for name in hints}
+
+        class Wrapped:
+            __annotations__ = cls.__annotations__
+
+            def __init__(self, node=None):
+                object.__setattr__(self, "_node", node if node is not None else scene.AddNewNodeByClass(
+                    "vtkMRMLScriptedModuleNode"))
+                object.__setattr__(self, "_values", dict(defaults))
+
+            def __getattr__(self, name):
+                values = object.__getattribute__(self, "_values")
+                if name in values:
+                    return values[name]
+                return getattr(object.__getattribute__(self, "_node"), name)
+
+            def __setattr__(self, name, value):
+                self._values[name] = value
+                self._node.Modified()
+
+            def connectGui(self, ui):
+                return "tag"
+
+            def disconnectGui(self, tag):
+                pass
+
+        return Wrapped
+    return wrapper
+
+
+@pytest.fixture
+def gui_module(monkeypatch, scene, tmp_path):
+    """MultiscaleDiffSeg.py imported as in the application, with recording stand-ins for Qt/Slicer GUI."""
+    import importlib.util
+
+    import slicer.util
+
+    records = {"errors": [], "messages": [], "layers": [], "layout": []}
+    qt = types.ModuleType("qt")
+    qt.QTimer = FakeTimer
+    qt.Qt = types.SimpleNamespace(WaitCursor=3)
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = fake_parameter_node_wrapper(scene)
+    pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Module:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class Widget:
+        def __init__(self, parent=None):
+            self.parent = types.SimpleNamespace(isEntered=True)
+            self.layout = types.SimpleNamespace(addWidget=lambda w: None)
+
+        def setup(self): pass
+        def resourcePath(self, relative): return str(MODULE_DIR / "Resources" / relative)
+
+    class Logic:
+        def __init__(self, parent=None): pass
+        def getParameterNode(self): return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    slm.ScriptedLoadableModule, slm.ScriptedLoadableModuleWidget = Module, Widget
+    slm.ScriptedLoadableModuleLogic, slm.ScriptedLoadableModuleTest = Logic, type("T", (), {})
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+
+    selection = types.SimpleNamespace(SetActiveTableID=lambda i: records["layout"].append(("table", i)))
+    app = types.SimpleNamespace(
+        connect=lambda *a: None, testingEnabled=lambda: False, temporaryPath=str(tmp_path), processEvents=lambda: None,
+        setOverrideCursor=lambda c: None, restoreOverrideCursor=lambda: None,
+        layoutManager=lambda: types.SimpleNamespace(setLayout=lambda n: records["layout"].append(("layout", n))),
+        applicationLogic=lambda: types.SimpleNamespace(GetSelectionNode=lambda: selection,
+                                                       PropagateTableSelection=lambda: None))
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: FakeWidget("root"))
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda w: fake_ui_namespace())
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ))
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: records["errors"].append(text))
+    monkeypatch.setattr(slicer.util, "messageBox", lambda text, **kw: records["messages"].append(text))
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: records["layers"].append(kw))
+
+    spec = importlib.util.spec_from_file_location("MultiscaleDiffSeg_gui", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.HAVE_APPLICATION
+    module.records = records
+    return module
+
+
+def drive(logic, until, timeout=120.0):
+    """Fire the module's poll timer like Qt's event loop would, until ``until()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        logic._poll()
+        time.sleep(0.05)
+    assert until(), "timed out"
+
+
+@needs_slicer
+def test_widget_apply_progress_results_groups_and_cancel(gui_module, scene, volume, fake_worker, monkeypatch):
+    import MultiscaleDiffSegLib.jobs as jobs_module
+
+    mode = {"name": "segment"}
+
+    def fake_command(python, inputs, out, settings, overwrite=True):
+        return [sys.executable, str(fake_worker), mode["name"], str(inputs[0]), "-o", str(out), *settings.cli_options()]
+
+    monkeypatch.setattr(jobs_module, "segment_command", fake_command)
+    widget = gui_module.MultiscaleDiffSegWidget()
+    widget.setup()
+    widget.enter()
+    ui, logic = widget.ui, widget.logic
+    assert widget._parameterNode.inputVolume is volume  # first volume preselected
+    assert ui.applyButton.enabled and ui.applyButton.text == "Segment"
+    drive(logic, lambda: logic.deviceProbe is not None or bool(logic.deviceProbeError))
+    assert "Device:" in ui.estimateLabel.text and "estimate" in ui.estimateLabel.text
+
+    widget._parameterNode.uncertainty = True
+    widget.onApplyButton()
+    assert ui.applyButton.text == "Cancel" and ui.progressBar.visible
+    drive(logic, lambda: not logic.isRunning)
+    assert ui.applyButton.text == "Segment" and not ui.progressBar.visible
+    assert gui_module.records["errors"] == []
+    segmentation = widget._parameterNode.outputSegmentation
+    assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 32
+    assert ui.resultsCollapsibleButton.enabled and ui.show3DButton.segmentationNode is segmentation
+    assert ui.showUncertaintyCheckBox.enabled and any("Worker:" in line for line in ui.logTextEdit.log)
+    assert gui_module.records["layers"][-1].get("background") is volume
+
+    ui.leftHemisphereCheckBox.checked = False  # the user unticks "Left hemisphere"
+    display = segmentation.GetDisplayNode()
+    assert not display.GetSegmentVisibility("left_putamen") and display.GetSegmentVisibility("right_putamen")
+    ui.showUncertaintyCheckBox.checked = True
+    assert gui_module.records["layers"][-1]["foreground"] is segmentation.GetNodeReference(mrml.UNCERTAINTY_REFERENCE_ROLE)
+    widget.onShowVolumes()
+    assert ("table", segmentation.GetNodeReference(mrml.VOLUMES_REFERENCE_ROLE).GetID()) in gui_module.records["layout"]
+
+    # another input while the selector still shows the first input's result: that result is kept
+    second = mrml.add_volume_from_sitk(scene, head_image(), "second head")
+    widget._parameterNode.inputVolume = second
+    widget.onApplyButton()
+    drive(logic, lambda: not logic.isRunning)
+    assert widget._parameterNode.outputSegmentation is not segmentation
+    assert segmentation.GetNodeReference(mrml.INPUT_REFERENCE_ROLE) is volume
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+
+    # again, then cancel: Apply is Cancel while running
+    mode["name"] = "tree"
+    widget.onApplyButton()
+    assert ui.applyButton.text == "Cancel"
+    drive(logic, lambda: logic.job.process is not None and logic.job.process.progress > 0)
+    widget.onApplyButton()  # = Cancel
+    drive(logic, lambda: not logic.isRunning)
+    assert ui.applyButton.text == "Segment" and ui.statusLabel.text == "Cancelled"
+    assert gui_module.records["errors"] == []
+
+    # a failing worker is shown in an error box, never silent
+    mode["name"] = "fail"
+    widget.onApplyButton()
+    drive(logic, lambda: not logic.isRunning)
+    assert gui_module.records["errors"] and "too small for a brain" in gui_module.records["errors"][-1]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    widget.cleanup()

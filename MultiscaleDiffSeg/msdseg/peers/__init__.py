@@ -1,0 +1,1 @@
+"""Runners for peer segmenters (SAMSEG, ...) whose outputs the benchmarks compare with ours."""
