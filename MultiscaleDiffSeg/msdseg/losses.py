@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,29 +27,35 @@ class LossWeights:
     hierarchy: float = 0.5  # weight of the internal-node terms relative to the leaf terms
 
 
-def _terms(logp: torch.Tensor, y: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _terms(
+    logp: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, mask: torch.Tensor, p: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Dice, BCE, MSE for log-probabilities ``logp`` and targets ``y`` (B, K, ...), voxel weights
-    ``w`` (B, 1, ...), channel mask (B, K).  Averages over defined channels only.
+    ``w`` (B, 1, ...; None = all ones, the common case, which saves several full-size products),
+    channel mask (B, K).  Averages over defined channels only.
 
     The positive BCE term uses the log-probability itself, never ``log(clamp(p))``: a structure
     whose probability has collapsed towards 0 must still receive a gradient, otherwise a network
     that predicts "background everywhere" early on can never leave that state.
     """
     dims = tuple(range(2, logp.ndim))
-    p = logp.exp()
+    p = logp.exp() if p is None else p
+    pw = p if w is None else p * w
+    yw = y if w is None else y * w
+    inter = (pw * y).sum(dims)
+    denom = pw.sum(dims) + yw.sum(dims)
+    dice = 1.0 - (2.0 * inter + EPS) / (denom + EPS)
+    neg = (1.0 - y) if w is None else (w - yw)
+    bce = -(yw * logp + neg * torch.log1p(-p.clamp(max=1 - 1e-6))).sum(dims)
+    sq = (p - y).square()
+    mse = (sq if w is None else sq * w).sum(dims)
+    n_vox = float(np.prod(logp.shape[2:])) if w is None else w.sum(dims).clamp_min(1.0)
     maskf = mask.to(p.dtype)
     n = maskf.sum().clamp_min(1.0)
-    inter = (w * p * y).sum(dims)
-    denom = (w * p).sum(dims) + (w * y).sum(dims)
-    dice = 1.0 - (2.0 * inter + EPS) / (denom + EPS)
-    bce = -(y * logp + (1 - y) * torch.log1p(-p.clamp(max=1 - 1e-6)))
-    wsum = w.sum(dims).clamp_min(1.0)
-    bce = (w * bce).sum(dims) / wsum
-    mse = (w * (p - y) ** 2).sum(dims) / wsum
     return {
         "dice": (dice * maskf).sum() / n,
-        "bce": (bce * maskf).sum() / n,
-        "mse": (mse * maskf).sum() / n,
+        "bce": (bce / n_vox * maskf).sum() / n,
+        "mse": (mse / n_vox * maskf).sum() / n,
     }
 
 
@@ -60,16 +67,11 @@ class HierarchicalLoss:
         self.w = weights or LossWeights()
         self.depth_weights = depth_weights
         self._agg = torch.from_numpy(tree.aggregation_matrix)
-        self._members = [torch.from_numpy(row.nonzero()[0]) for row in tree.aggregation_matrix]
 
     def aggregate(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) channel probabilities -> (B, K, ...) internal node probabilities."""
         agg = self._agg.to(device=probs.device, dtype=probs.dtype)
         return torch.einsum("kc,bc...->bk...", agg, probs)
-
-    def aggregate_log(self, logp: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of internal nodes: log of the sum of their leaves, computed stably."""
-        return torch.stack([torch.logsumexp(logp[:, idx.to(logp.device)], dim=1) for idx in self._members], dim=1)
 
     def __call__(
         self,
@@ -89,10 +91,16 @@ class HierarchicalLoss:
                 y = F.avg_pool3d(y, 2)
                 w = F.avg_pool3d(w, 2)
             # Where some voxels are ignored, renormalise the pooled target over the known part.
-            yk = y / w.clamp_min(1e-6) * (w > 0)
+            full = bool((w >= 1.0 - 1e-6).all())
+            yk = y if full else y / w.clamp_min(1e-6) * (w > 0)
+            wk = None if full else w
             logp = torch.log_softmax(lg.float(), dim=1)
-            leaf = _terms(logp, yk, w, channel_mask)
-            node = _terms(self.aggregate_log(logp), self.aggregate(yk), w, internal_mask)
+            p = logp.exp()
+            leaf = _terms(logp, yk, wk, channel_mask, p)
+            # Internal nodes are large (hemispheres, cerebrum, ...): log of the summed probability
+            # with a small floor is stable there and far cheaper than a log-sum-exp per node.
+            pn = self.aggregate(p)
+            node = _terms(pn.clamp_min(1e-7).log(), self.aggregate(yk), wk, internal_mask, pn)
             depth_loss = sum(self.w.__dict__[k] * leaf[k] for k in ("dice", "bce", "mse"))
             depth_loss = depth_loss + self.w.hierarchy * sum(
                 self.w.__dict__[k] * node[k] for k in ("dice", "bce", "mse")

@@ -679,8 +679,21 @@ def test_sample_t1_is_checked_when_shipped(module):
     path = module.sampleT1Path()
     if path is None:
         pytest.skip(f"sample T1 {module.SAMPLE_T1_FILE} not shipped yet")
-    if module.SAMPLE_T1_SHA256:
-        assert module.sha256(path) == module.SAMPLE_T1_SHA256
+    assert module.SAMPLE_T1_SHA256, "pin the sample's SHA256 in MultiscaleDiffSeg.py"
+    assert module.sha256(path) == module.SAMPLE_T1_SHA256
+
+
+@needs_slicer
+def test_module_self_test_with_the_sample_runs_headless(module, scene, monkeypatch):
+    """The module's own self-test (sample T1, fast preset, real worker), minus the application."""
+    if module.sampleT1Path() is None:
+        pytest.skip("sample T1 not shipped yet")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    test = module.MultiscaleDiffSegTest("test_SampleFastPreset")
+    test.setUp()
+    test.test_SampleFastPreset()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
 @pytest.fixture(scope="module")

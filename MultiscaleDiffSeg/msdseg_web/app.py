@@ -1,0 +1,378 @@
+"""The web application: trame state <-> MRML scene <-> segmentation worker <-> files.
+
+All MRML work happens on the server's event-loop thread (trame callbacks and tasks run there);
+the worker thread only computes.  A watcher task copies the worker's progress into the page and,
+when the job is done, imports the result into the scene through the Slicer module's MRML layer.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+from trame.app import TrameApp
+from trame_server.utils.asynchronous import create_task
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.app.logic import LayoutButtonLogic, VolumePropertyLogic
+from trame_slicer.app.logic.segmentation import SegmentEditorLogic
+from trame_slicer.core import SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+
+from MultiscaleDiffSegLib import mrml
+from msdseg.errors import InputError
+from msdseg.inference import SegmentSettings
+from msdseg.io import case_stem, load_volume
+from msdseg.labels import load_tree
+from msdseg.outputs import write_seg_nrrd
+from msdseg.volumes import structure_volumes
+
+from . import scene
+from .panels import group_state_key
+from .results import read_result_labels, save_result
+from .session import Session
+from .ui import build_page
+from .uploads import receive_result, receive_t1
+from .worker import CANCELLED, DONE, FAILED, SegmentationJob
+
+log = logging.getLogger("msdseg.web")
+
+#: How often the page shows the worker's progress, and how long edits settle before the
+#: volumes table is recomputed (a paint stroke modifies the segmentation many times).
+POLL_SECONDS = 0.3
+VOLUMES_DELAY_SECONDS = 0.8
+
+
+@dataclass
+class AppOptions:
+    output_dir: Path
+    device: str = "auto"
+    model: str | None = None
+
+
+def user_errors(method: Callable) -> Callable:
+    """Show :class:`InputError` (and unexpected failures) in the page instead of losing them in a log."""
+    if asyncio.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def wrapped_async(self: "MsdsegWebApp", *args: Any, **kwargs: Any) -> Any:
+            with self.showing_errors():
+                return await method(self, *args, **kwargs)
+        return wrapped_async
+
+    @functools.wraps(method)
+    def wrapped(self: "MsdsegWebApp", *args: Any, **kwargs: Any) -> Any:
+        with self.showing_errors():
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
+class MsdsegWebApp(TrameApp):
+    def __init__(self, options: AppOptions, server=None):
+        super().__init__(server)
+        self.options = options
+        self.tree = load_tree()
+        self.session = Session()
+        self._uploads = Path(tempfile.mkdtemp(prefix="msdseg_web_"))
+        self._volumes_task: asyncio.Task | None = None
+
+        self.server.enable_module(trame_slicer_module)
+        self.slicer_app = SlicerApp()
+        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
+        self.volume_property_logic = VolumePropertyLogic(self.server, self.slicer_app)
+        self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
+        self._init_state()
+        page = build_page(self.server, self, self.tree, self.layout_logic.layout_manager)
+        self.ui = page.layout
+        self.editor_logic.set_ui(page.editor)
+        self.volume_property_logic.set_ui(page.volume_property)
+        self.layout_logic.set_ui(page.layout_button)
+
+        self.editor.segmentation_modified.connect(self._schedule_volumes)
+        for group in self.tree.children(self.tree.root.id):
+            self.state.change(group_state_key(group.id))(functools.partial(self._on_group_changed, group.id))
+        self.state.change("msd_show_uncertainty", "msd_uncertainty_opacity")(self._on_uncertainty_display)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def editor(self):
+        return self.slicer_app.segmentation_editor
+
+    def _init_state(self) -> None:
+        s = self.state
+        s.trame__title = "MultiscaleDiffSeg"
+        s.msd_input_name = ""
+        s.msd_input_summary = ""
+        s.msd_stem = "segmentation"
+        s.msd_preset = "fast"
+        s.msd_uncertainty = True
+        s.msd_running = False
+        s.msd_progress = 0
+        s.msd_message = "Open a T1 volume to start."
+        s.msd_error = ""
+        s.msd_untrained = False
+        s.msd_has_result = False
+        s.msd_has_uncertainty = False
+        s.msd_show_uncertainty = False
+        s.msd_uncertainty_opacity = 0.6
+        s.msd_volumes = []
+        s.msd_saved_message = ""
+        s.msd_output_dir = str(self.options.output_dir)
+        for group in self.tree.children(self.tree.root.id):
+            s[group_state_key(group.id)] = True
+
+    # ------------------------------------------------------------------ input
+    def open_t1_path(self, path: str | Path) -> None:
+        """Load a T1 from the server's disk (the command line's INPUT)."""
+        path = Path(path)
+        self._show_t1(path, load_volume(path))
+
+    @user_errors
+    def on_upload_t1(self, files: list[dict[str, Any]]) -> None:
+        self._refuse_while_running()
+        folder = Path(tempfile.mkdtemp(dir=self._uploads))
+        try:
+            path, image = receive_t1(files, folder)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        with self.state:
+            self._show_t1(path, image)
+
+    def _refuse_while_running(self) -> None:
+        if self.session.running:
+            raise InputError("a segmentation is running: wait for it or cancel it first")
+
+    def _show_t1(self, path: Path, image: sitk.Image) -> None:
+        self._refuse_while_running()
+        stem = case_stem(path)
+        volume = scene.add_t1(self.slicer_app.scene, image, stem)
+        self.slicer_app.display_manager.show_volume(volume, do_reset_views=True)
+        self.editor_logic.on_volume_changed(volume)
+        self.volume_property_logic.on_volume_changed(volume)
+        self.session = Session(stem=stem, input_path=path, image=image, volume_node=volume)
+        s = self.state
+        s.is_volume_loaded = True
+        s.msd_input_name = path.name
+        size = "x".join(str(n) for n in image.GetSize())
+        spacing = "x".join(f"{v:.3g}" for v in image.GetSpacing())
+        s.msd_input_summary = f"({size} voxels, {spacing} mm)"
+        s.msd_stem = stem
+        s.msd_error = ""
+        s.msd_progress = 0
+        s.msd_message = "Ready: choose a preset and press Segment."
+        s.msd_has_result = False
+        s.msd_has_uncertainty = False
+        s.msd_show_uncertainty = False
+        s.msd_untrained = False
+        s.msd_volumes = []
+        s.msd_saved_message = ""
+
+    # ------------------------------------------------------------------ segmentation job
+    @user_errors
+    def run(self) -> None:
+        if self.session.image is None:
+            raise InputError("open a T1 volume first")
+        self._refuse_while_running()
+        settings = SegmentSettings(preset=self.state.msd_preset, device=self.options.device,
+                                   uncertainty=bool(self.state.msd_uncertainty), model=self.options.model)
+        settings.resolved()
+        job = SegmentationJob(self.session.image, settings)
+        self.session.job = job
+        job.start()
+        self.state.msd_running = True
+        self.state.msd_error = ""
+        self.state.msd_progress = 0
+        self.state.msd_message = "starting"
+        create_task(self._watch(job, self.session))
+
+    def cancel(self) -> None:
+        if self.session.job is not None:
+            self.session.job.cancel()
+            self.state.msd_message = "cancelling"
+
+    async def _watch(self, job: SegmentationJob, session: Session) -> None:
+        while True:
+            status = job.status()
+            with self.state:
+                self.state.msd_progress = round(100 * status.progress, 1)
+                self.state.msd_message = f"{status.message} ({status.seconds:.0f} s)"
+            if status.finished:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        with self.state:
+            self.state.msd_running = False
+            if session is not self.session:
+                return
+            if status.state == DONE and job.result is not None:
+                result = job.result
+                with self.showing_errors():
+                    self._show_result(result.labels, result.uncertainty, dict(result.info))
+                self.state.msd_message = (f"done in {status.seconds:.0f} s ({result.info.get('preset')} preset, "
+                                          f"{result.info.get('device')})")
+            elif status.state == FAILED:
+                self.state.msd_error = status.error
+                self.state.msd_message = "failed"
+            elif status.state == CANCELLED:
+                self.state.msd_progress = 0
+                self.state.msd_message = "cancelled"
+
+    @contextlib.contextmanager
+    def showing_errors(self) -> Iterator[None]:
+        """Turn a failure into the page's error message (one line), keep the server running."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, InputError):
+                message = str(exc)
+            else:
+                log.exception("web app action failed")
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            with self.state:
+                self.state.msd_error = message
+
+    # ------------------------------------------------------------------ results in the scene
+    def _show_result(self, labels: sitk.Image, uncertainty: sitk.Image | None, info: dict[str, Any]) -> None:
+        session = self.session
+        volume = session.volume_node
+        segmentation_node = self.editor.active_segmentation_node
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_foreground_volume_id(None)  # the old uncertainty node may be removed below
+        nodes = scene.import_result(self.slicer_app.scene, volume, labels, uncertainty, segmentation_node,
+                                    self.tree, info)
+        self.editor.set_active_segmentation(nodes.segmentation, volume)  # also clears the undo stack
+        session.nodes, session.uncertainty, session.info = nodes, uncertainty, info
+        s = self.state
+        s.msd_has_result = True
+        s.msd_has_uncertainty = nodes.uncertainty is not None
+        s.msd_show_uncertainty = False
+        s.msd_untrained = info.get("trained") is False
+        s.msd_saved_message = ""
+        for group in self.tree.children(self.tree.root.id):
+            s[group_state_key(group.id)] = True
+        s.active_tool = "segmentation"
+        self._set_volumes(labels)
+
+    def _on_group_changed(self, group_id: str, **_: Any) -> None:
+        node = self.session.segmentation_node
+        if node is None:
+            return
+        visible = bool(self.state[group_state_key(group_id)])
+        if mrml.group_visibility(node, group_id, self.tree) == visible:
+            return
+        mrml.set_group_visibility(node, group_id, visible, self.tree)
+        self.editor.segmentation_display_modified()  # refreshes the editor's segment list (eye icons)
+
+    def _on_uncertainty_display(self, **_: Any) -> None:
+        nodes = self.session.nodes
+        if nodes is None or nodes.uncertainty is None:
+            return
+        scene.set_uncertainty_overlay(self.slicer_app.view_manager.get_slice_views(), nodes.uncertainty,
+                                      bool(self.state.msd_show_uncertainty),
+                                      float(self.state.msd_uncertainty_opacity))
+
+    # ------------------------------------------------------------------ volumes table
+    def current_labels(self) -> sitk.Image:
+        """The segmentation as it is now (edits included), as aseg labels on the input grid."""
+        node = self.session.segmentation_node
+        if node is None:
+            raise InputError("there is no segmentation yet: press Segment or open a saved result")
+        return scene.export_labels(self.slicer_app.segmentations_logic, node, self.session.volume_node)
+
+    def _set_volumes(self, labels: sitk.Image) -> None:
+        volumes = structure_volumes(sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), self.tree)
+        self.state.msd_volumes = [
+            {"id": node.id, "name": node.name, "level": self.tree.depth(node.id), "leaf": node.label is not None,
+             "ml": f"{volumes.get(node.id, 0.0):.2f}"}
+            for node in self.tree.nodes
+        ]
+
+    def _schedule_volumes(self, *_: Any) -> None:
+        if self.session.segmentation_node is None:
+            return
+        if self._volumes_task is not None and not self._volumes_task.done():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving yet: the import that triggered this filled the table itself
+        self._volumes_task = create_task(self._refresh_volumes_later())
+
+    async def _refresh_volumes_later(self) -> None:
+        await asyncio.sleep(VOLUMES_DELAY_SECONDS)
+        if self.session.segmentation_node is None:
+            return
+        with self.state:
+            with self.showing_errors():
+                self._set_volumes(self.current_labels())
+
+    # ------------------------------------------------------------------ save, download, re-open
+    @user_errors
+    def save(self) -> None:
+        labels = self.current_labels()
+        paths = save_result(labels, self.session.uncertainty, self.tree, self.options.output_dir,
+                            self.session.stem)
+        names = ", ".join(p.name for p in paths.values())
+        self.state.msd_saved_message = f"Saved {names} in {self.options.output_dir}"
+        self.state.msd_error = ""
+
+    def download_bytes(self, kind: str) -> bytes | None:
+        try:
+            labels = self.current_labels()
+        except InputError as exc:
+            self.state.msd_error = str(exc)
+            return None
+        with tempfile.TemporaryDirectory(dir=self._uploads) as tmp:
+            if kind == "segmentation":
+                path = Path(tmp) / "result.seg.nrrd"
+                write_seg_nrrd(path, labels, self.tree)
+            else:
+                path = Path(tmp) / "result_labels.nii.gz"
+                sitk.WriteImage(labels, str(path), useCompression=True)
+            return path.read_bytes()
+
+    def open_result_path(self, path: str | Path) -> None:
+        """Show a saved ``.seg.nrrd`` or labels image on the loaded T1 (it must share its grid)."""
+        path = Path(path)
+        if self.session.volume_node is None:
+            raise InputError("open the T1 volume before a result")
+        labels = read_result_labels(path)
+        try:
+            mrml.check_same_grid(labels, self.session.volume_node)
+        except mrml.GeometryMismatchError as exc:
+            raise InputError(f"{path.name} does not belong to this T1: {exc}") from None
+        self._show_result(labels, None, {"source": path.name})
+        self.state.msd_message = f"opened {path.name}"
+
+    @user_errors
+    def on_upload_result(self, files: list[dict[str, Any]]) -> None:
+        self._refuse_while_running()
+        folder = Path(tempfile.mkdtemp(dir=self._uploads))
+        try:
+            path = receive_result(files, folder)
+            with self.state:
+                self.open_result_path(path)
+                self.state.msd_error = ""
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ test hook support
+    def label_summary(self) -> dict[str, Any]:
+        """Counts per label value and a digest of the current labels (for the browser test)."""
+        if self.session.segmentation_node is None:
+            return {"counts": {}, "sha1": None}
+        labels = self.current_labels()
+        array = np.ascontiguousarray(sitk.GetArrayViewFromImage(labels))
+        return {"counts": {str(k): v for k, v in scene.label_counts(labels).items()},
+                "sha1": hashlib.sha1(array.tobytes()).hexdigest(), "size": list(labels.GetSize())}
+
+    def close(self) -> None:
+        shutil.rmtree(self._uploads, ignore_errors=True)
