@@ -8,7 +8,6 @@ real MRML from ``slicer-core``.
 The Qt imports are guarded so that the logic (console API) can also be imported where only
 ``slicer-core`` exists (CI, scripts); the widget needs the Slicer application.
 """
-import hashlib
 import logging
 import os
 import time
@@ -148,11 +147,9 @@ def sampleT1Path() -> Path | None:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from msdseg.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def registerSampleData() -> None:

@@ -6,7 +6,6 @@ hash is checked on every load so a truncated or swapped weights file fails loudl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError
+from .hashing import sha256_file
 from .model import ModelConfig, MultiscaleDiffUNet
 
 DEFAULT_MODEL_NAME = "msdseg_brain"
@@ -34,14 +34,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return str(self.config.get("name", self.path.stem))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_path(weights: Path) -> Path:

@@ -21,7 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 from trame.app import TrameApp
 from trame_server.utils.asynchronous import create_task
+from trame_server.utils.typed_state import TypedState
 from trame_slicer import module as trame_slicer_module
+from trame_slicer.app.ui import ViewerLayoutState
 from trame_slicer.app.logic import LayoutButtonLogic, VolumePropertyLogic
 from trame_slicer.app.logic.segmentation import SegmentEditorLogic
 from trame_slicer.core import SlicerApp
@@ -89,6 +91,7 @@ class MsdsegWebApp(TrameApp):
         self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.volume_property_logic = VolumePropertyLogic(self.server, self.slicer_app)
         self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
+        self.viewer = TypedState(self.state, ViewerLayoutState)
         self._init_state()
         page = build_page(self.server, self, self.tree, self.layout_logic.layout_manager)
         self.ui = page.layout
@@ -160,7 +163,7 @@ class MsdsegWebApp(TrameApp):
         self.volume_property_logic.on_volume_changed(volume)
         self.session = Session(stem=stem, input_path=path, image=image, volume_node=volume)
         s = self.state
-        s.is_volume_loaded = True
+        self.viewer.data.is_volume_loaded = True
         s.msd_input_name = path.name
         size = "x".join(str(n) for n in image.GetSize())
         spacing = "x".join(f"{v:.3g}" for v in image.GetSpacing())
@@ -258,7 +261,7 @@ class MsdsegWebApp(TrameApp):
         s.msd_saved_message = ""
         for group in self.tree.children(self.tree.root.id):
             s[group_state_key(group.id)] = True
-        s.active_tool = "segmentation"
+        self.viewer.data.active_tool = "segmentation"
         self._set_volumes(labels)
 
     def _on_group_changed(self, group_id: str, **_: Any) -> None:

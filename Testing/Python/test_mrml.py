@@ -24,6 +24,7 @@ sys.path.insert(0, str(MODULE_DIR))
 from MultiscaleDiffSegLib import mrml  # noqa: E402
 from msdseg.labels import load_tree  # noqa: E402
 from msdseg.volumes import structure_volumes  # noqa: E402
+from conftest import rotation
 
 TREE = load_tree()
 LEAF_BY_LABEL = {int(n.label): n for n in TREE.leaves}
@@ -32,14 +33,6 @@ ABSENT = {5, 44, 26, 58, 24}
 
 
 # ----------------------------------------------------------------------------- fixtures
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def oblique_grid(size=(34, 40, 22), spacing=(1.1, 0.85, 2.6)) -> sitk.Image:
     """An oblique (rotated and flipped) grid with anisotropic spacing, centred off the origin."""
     direction = rotation(0.35, -0.25, 0.6) @ np.diag([1.0, -1.0, 1.0])

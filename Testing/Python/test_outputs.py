@@ -20,6 +20,7 @@ from msdseg.outputs import (expected_outputs, ijk_to_lps, outputs_complete, read
                             terminology_string, write_case_outputs)
 from msdseg.volumes import (CSV_COLUMNS, aggregate_volumes, read_volumes_csv, structure_volumes,
                             write_volumes_csv)
+from conftest import rotation
 
 TREE = load_tree()
 
@@ -30,14 +31,6 @@ class Result:
     uncertainty: sitk.Image | None
     volumes: dict | None
     tree: LabelTree
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def oblique_labels(flip: bool = False, n_labels: int = 20, seed: int = 0) -> sitk.Image:

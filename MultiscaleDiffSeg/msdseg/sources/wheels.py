@@ -9,7 +9,7 @@ manifest; when the file name matches a wheel we have checked before, the hash mu
 from __future__ import annotations
 
 import gzip
-import hashlib
+from ..hashing import sha256_file
 import subprocess
 import sys
 import zipfile
@@ -70,11 +70,7 @@ PINS: dict[str, WheelPin] = {
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def find_wheel(pin: WheelPin, cache_dir: Path) -> Path | None:
