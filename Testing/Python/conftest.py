@@ -48,3 +48,17 @@ def phantom_fn(pts_lps: np.ndarray) -> np.ndarray:
 def oblique_phantom() -> sitk.Image:
     d = rotation(0.3, -0.2, 0.5) @ np.diag([1, -1, 1])  # rotated and flipped
     return make_image((64, 80, 40), (2.5, 2.2, 4.0), d, (5.0, -10.0, 20.0), phantom_fn)
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> str:
+    """A randomly initialised model file flagged untrained: pipeline tests must not depend on the
+    shipped weights (and an untrained model skips the brain-volume plausibility check)."""
+    import torch
+
+    from msdseg.model import ModelConfig, MultiscaleDiffUNet
+    from msdseg.modelfile import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "untrained.safetensors"
+    return str(save_model(MultiscaleDiffUNet(ModelConfig()), path, {"trained": False, "name": "untrained-test"}))

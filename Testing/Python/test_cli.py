@@ -51,11 +51,12 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["2d", "4d", "nan", "empty", "truncated", "non-image", "absurd-spacing", "constant"])
-def test_bad_input_one_line_error_and_no_outputs(tmp_path, kind):
+def test_bad_input_one_line_error_and_no_outputs(tmp_path, kind, untrained_model):
     files = _bad_inputs(tmp_path)
     before = {p: p.read_bytes() for p in files.values()}
     out = tmp_path / "out"
-    res = run_cli("segment", str(files[kind]), "-o", str(out), "--preset", "fast", "--progress", "none")
+    res = run_cli("segment", str(files[kind]), "-o", str(out), "--preset", "fast", "--progress", "none",
+                  "--model", untrained_model)
     assert res.returncode != 0
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, res.stderr
@@ -71,12 +72,13 @@ def test_missing_file_and_bad_option():
     assert res.returncode != 0 and "samples" in res.stderr
 
 
-def test_segment_output_contract_on_oblique_input(tmp_path):
+def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):
     d = rotation(0.2, -0.1, 0.3) @ np.diag([-1, 1, 1])
     img = make_image((56, 64, 44), (3.0, 2.5, 3.5), d, (4.0, -6.0, 10.0), phantom_fn)
     src = write(sitk.Cast(img * 10, sitk.sitkInt16), tmp_path / "sub-01_T1w.nii.gz")
     out = tmp_path / "out"
-    res = run_cli("segment", str(src), "-o", str(out), "--preset", "fast", "--uncertainty", "--progress", "json")
+    res = run_cli("segment", str(src), "-o", str(out), "--preset", "fast", "--uncertainty", "--progress", "json",
+                  "--model", untrained_model)
     assert res.returncode == 0, res.stderr
     # progress is machine-readable JSON lines, ending at 1.0
     import json
@@ -93,7 +95,8 @@ def test_segment_output_contract_on_oblique_input(tmp_path):
     assert unc.GetSize() == img.GetSize()
     # resume: a second run skips the finished case and leaves its files untouched
     mtime = (out / "sub-01_T1w_labels.nii.gz").stat().st_mtime_ns
-    res2 = run_cli("segment", str(src), "-o", str(out), "--preset", "fast", "--uncertainty", "--progress", "none")
+    res2 = run_cli("segment", str(src), "-o", str(out), "--preset", "fast", "--uncertainty", "--progress", "none",
+                   "--model", untrained_model)
     assert res2.returncode == 0 and (out / "sub-01_T1w_labels.nii.gz").stat().st_mtime_ns == mtime
 
 

@@ -1,0 +1,67 @@
+"""Inference guards: devices, presets, implausible results, model files."""
+import json
+
+import pytest
+import torch
+
+from msdseg.devices import autocast_dtype, is_out_of_memory, resolve_device
+from msdseg.errors import InputError
+from msdseg.inference import PRESETS, SegmentSettings, _check_brain_like
+from msdseg.model import ModelConfig, MultiscaleDiffUNet
+from msdseg.modelfile import load_model, save_model
+
+
+def test_device_auto_and_explicit():
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_precision_choices():
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "auto") == torch.bfloat16
+    assert autocast_dtype(torch.device("mps"), "auto") == torch.float16
+
+
+def test_out_of_memory_detection():
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {"fast", "balanced", "accurate"}
+    p = SegmentSettings(preset="balanced", steps=0, samples=3).resolved()
+    assert p["steps"] == 0 and p["samples"] == 3
+    with pytest.raises(InputError):
+        SegmentSettings(preset="turbo").resolved()
+    with pytest.raises(InputError):
+        SegmentSettings(samples=0).resolved()
+
+
+def test_non_brain_result_is_rejected():
+    _check_brain_like(1200.0)
+    with pytest.raises(InputError, match="does not look like"):
+        _check_brain_like(30.0)
+    with pytest.raises(InputError, match="does not look like"):
+        _check_brain_like(9000.0)
+
+
+def test_model_file_round_trip_and_tamper_detection(tmp_path):
+    model = MultiscaleDiffUNet(ModelConfig(channels=(4, 8, 8, 8), image_channels_per_depth=(4, 4, 8, 8)))
+    path = save_model(model, tmp_path / "m.safetensors", {"metrics": {"dice": 0.5}})
+    loaded = load_model(path)
+    assert loaded.config["metrics"]["dice"] == 0.5 and loaded.trained
+    for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="SHA256"):
+        load_model(path)
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    assert "architecture" in cfg and cfg["weights_file"] == "m.safetensors"
