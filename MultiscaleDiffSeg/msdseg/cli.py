@@ -52,10 +52,14 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
-    p.add_argument("--jobs", type=int, default=1, help="local worker processes")
-    p.add_argument("--dask", default=None, metavar="SCHEDULER", help="send cases to a Dask cluster")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local worker processes; each loads the model once and uses cores/jobs threads")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="send cases to the Dask cluster at this address (e.g. tcp://host:8786); the inputs and "
+                        "the output folder must be on a file system the workers share")
     p.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
-    p.add_argument("--no-report", action="store_true", help="skip the cohort report for multi-case runs")
+    p.add_argument("--no-report", action="store_true",
+                   help="several inputs: write the cohort CSVs but not cohort_report.html")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

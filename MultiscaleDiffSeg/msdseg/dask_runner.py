@@ -111,7 +111,7 @@ def run_dask(cases: Sequence[Case], outdir: Path, settings: Any, *, address: str
                     outcome.case = case  # report the driver's view of the path
                     yield outcome
                 elif fut.status == "cancelled":
-                    yield CaseOutcome(case, "cancelled", "cancelled before it started")
+                    yield CaseOutcome(case, "cancelled", "not started")
                 else:
                     try:
                         exc = fut.exception()

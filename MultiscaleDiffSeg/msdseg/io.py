@@ -121,6 +121,8 @@ def _read_mgz(path: Path) -> sitk.Image:
 
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
+    if data.dtype.byteorder not in ("=", "|"):
+        data = data.astype(data.dtype.newbyteorder("="))  # MGZ is big-endian; SimpleITK wants native
     if data.ndim != 3:
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]

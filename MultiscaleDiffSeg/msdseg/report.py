@@ -3,11 +3,12 @@
 Why self-contained (images embedded as base64 PNG, inline CSS, no scripts): the page is mailed,
 archived next to the data, or opened from a cluster's shared disk without a web server.
 
-What it shows, in the order a reviewer needs it: a summary and the cases that failed; then every
-segmented case as a card (three-view overlay thumbnail, QC flag and its reasons, ICV, mean
-uncertainty) with *fail* and *review* cases first, worst first; then the volume, asymmetry and
-uncertainty distributions as box plots with every case as a point (flagged cases in colour), so
-an outlier is seen against the cohort.
+What it shows, in the order a reviewer needs it: a summary and the cases that failed; the cases
+QC flagged (*fail*, then *review*, worst first) with their findings, and the ten most uncertain
+cases with their most uncertain structures; the volume, head-size, asymmetry and uncertainty
+distributions as box plots with every case as a point (flagged cases in colour), so an outlier is
+seen against the cohort; then every segmented case as a card (three-view overlay thumbnail with
+the uncertainty row, QC flag and findings, ICV, mean uncertainty), flagged cases first.
 
 Thumbnails are drawn by the worker that segmented the case (it has the image in memory) and kept
 as ``S_overlay.png``; the report only embeds them.  Plots use Matplotlib's object API on the Agg
@@ -117,8 +118,7 @@ def structure_order(tree: LabelTree) -> list[str]:
 
 
 def _short(leaf_id: str) -> str:
-    return (leaf_id.replace("left_", "L ").replace("right_", "R ").replace("cerebral_", "cb ")
-            .replace("cerebellum_", "cbl ").replace("_", " "))
+    return leaf_id.replace("left_", "L ").replace("right_", "R ").replace("_", " ")
 
 
 def distribution_png(labels: Sequence[str], columns: Sequence[Sequence[float | None]], flags: Sequence[str],
@@ -175,6 +175,14 @@ def _num(v: Any, fmt: str = ".1f") -> str:
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _brief(reasons: Sequence[str], keep: int = 5) -> str:
+    """The first few QC reasons (all of them are in cohort_volumes.csv)."""
+    if not reasons:
+        return "no finding"
+    more = f" (+{len(reasons) - keep} more)" if len(reasons) > keep else ""
+    return "; ".join(reasons[:keep]) + more
+
+
 def build_report_html(sidecars: Sequence[Mapping[str, Any]], qc: Mapping[str, QCResult],
                       failures: Sequence[tuple[str, str, str]], tree: LabelTree, outdir: str | os.PathLike,
                       title: str = "msdseg cohort report", run_info: Mapping[str, Any] | None = None) -> str:
@@ -195,40 +203,33 @@ def build_report_html(sidecars: Sequence[Mapping[str, Any]], qc: Mapping[str, QC
                  "QC fail / review / ok": f"{counts['fail']} / {counts['review']} / {counts['ok']}"})
     parts.append("<table>" + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
                                      for k, v in info.items()) + "</table>")
-    parts.append("<p>QC rule: see <code>docs/cohorts.md</code>. <b>fail</b>: implausible brain volume, a major "
-                 "structure missing or very high uncertainty; <b>review</b>: volume outliers (robust z &gt; 3.5 "
-                 "with 10+ cases, fixed adult ranges otherwise) or high uncertainty.</p>")
+    parts.append("<p>QC rule (<code>docs/cohorts.md</code>): <b>fail</b> = implausible brain volume, a major "
+                 "structure missing or very high uncertainty; <b>review</b> = volume or asymmetry outliers (robust "
+                 "z-scores against the cohort from 20 cases on, fixed adult ranges below) or high uncertainty.</p>")
 
     if failures:
         parts.append("<h2>Failed cases</h2><table><tr><th>case</th><th>input</th><th>reason</th></tr>")
         parts += [f"<tr><td>{esc(c)}</td><td>{esc(p)}</td><td>{esc(r)}</td></tr>" for c, p, r in failures]
         parts.append("</table>")
 
-    parts.append("<h2>Cases (fail and review first)</h2><div class='cards'>")
-    carded = 0
-    rest: list[Mapping[str, Any]] = []
-    for doc in ordered:
-        res = qc[doc["case"]]
-        if res.flag == "ok" and carded >= MAX_CARDS:
-            rest.append(doc)
-            continue
-        carded += 1
-        png_path = outdir / str((doc.get("outputs") or {}).get("overlay", ""))
-        png = png_path.read_bytes() if png_path.is_file() else None
-        labels_file = (doc.get("outputs") or {}).get("labels", "")
-        parts.append(
-            f"<div class='card {res.flag}'><b>{esc(doc['case'])}</b> <span class='flag {res.flag}'>{res.flag}</span>"
-            f"<br>{_img_tag(png, doc['case'], 400)}"
-            f"<br>ICV {_num(doc.get('icv_ml'), '.0f')} mL &middot; labelled {_num(doc.get('labelled_ml'), '.0f')} mL"
-            f" &middot; mean uncertainty {_num(doc.get('brain_mean_uncertainty'), '.3f')}"
-            f"<br><a href='{esc(labels_file)}'>labels</a> &middot; <span class='reasons'>{esc(res.text) or 'no finding'}"
-            f"</span></div>")
-    parts.append("</div>")
-    if rest:
-        parts.append(f"<p>{len(rest)} more cases flagged ok (no thumbnail, to keep the page small):</p><table>"
-                     "<tr><th>case</th><th>ICV mL</th><th>mean uncertainty</th></tr>")
-        parts += [f"<tr><td>{esc(d['case'])}</td><td>{_num(d.get('icv_ml'), '.0f')}</td>"
-                  f"<td>{_num(d.get('brain_mean_uncertainty'), '.3f')}</td></tr>" for d in rest]
+    flagged = [d for d in ordered if qc[d["case"]].flag != "ok"]
+    if flagged:
+        parts.append(f"<h2>Cases to review ({len(flagged)})</h2><table><tr><th>case</th><th>QC</th><th>ICV mL</th>"
+                     "<th>mean uncertainty</th><th>findings</th></tr>")
+        parts += [f"<tr><td>{esc(d['case'])}</td><td><span class='flag {qc[d['case']].flag}'>{qc[d['case']].flag}"
+                  f"</span></td><td>{_num(d.get('icv_ml'), '.0f')}</td><td>{_num(d.get('brain_mean_uncertainty'), '.3f')}"
+                  f"</td><td>{esc(_brief(qc[d['case']].reasons, 8))}</td></tr>" for d in flagged]
+        parts.append("</table>")
+    by_unc = sorted((d for d in ordered if d.get("brain_mean_uncertainty") is not None),
+                    key=lambda d: -float(d["brain_mean_uncertainty"]))[:10]
+    if by_unc:
+        parts.append("<h2>Highest model uncertainty</h2><table><tr><th>case</th><th>mean uncertainty</th>"
+                     "<th>most uncertain structures</th></tr>")
+        for d in by_unc:
+            per = {k: v for k, v in (d.get("uncertainty_by_structure") or {}).items() if v is not None}
+            top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:3])
+            parts.append(f"<tr><td>{esc(d['case'])}</td><td>{_num(d.get('brain_mean_uncertainty'), '.3f')}</td>"
+                         f"<td>{esc(top)}</td></tr>")
         parts.append("</table>")
 
     if ordered:
@@ -251,6 +252,34 @@ def build_report_html(sidecars: Sequence[Mapping[str, Any]], qc: Mapping[str, QC
                                    "Mean uncertainty per structure")
         if unc_png:
             parts.append(_img_tag(unc_png, "uncertainty"))
+
+    parts.append("<h2>All cases (fail and review first)</h2><div class='cards'>")
+    carded = 0
+    rest: list[Mapping[str, Any]] = []
+    for doc in ordered:
+        res = qc[doc["case"]]
+        if res.flag == "ok" and carded >= MAX_CARDS:
+            rest.append(doc)
+            continue
+        carded += 1
+        png_path = outdir / str((doc.get("outputs") or {}).get("overlay", ""))
+        png = png_path.read_bytes() if png_path.is_file() else None
+        labels_file = (doc.get("outputs") or {}).get("labels", "")
+        parts.append(
+            f"<div class='card {res.flag}'><b>{esc(doc['case'])}</b> <span class='flag {res.flag}'>{res.flag}</span>"
+            f"<br>{_img_tag(png, doc['case'], 400)}"
+            f"<br>ICV {_num(doc.get('icv_ml'), '.0f')} mL &middot; labelled {_num(doc.get('labelled_ml'), '.0f')} mL"
+            f" &middot; mean uncertainty {_num(doc.get('brain_mean_uncertainty'), '.3f')}"
+            f"<br><a href='{esc(labels_file)}'>labels</a> &middot; <span class='reasons'>{esc(_brief(res.reasons))}"
+            f"</span></div>")
+    parts.append("</div>")
+    if rest:
+        parts.append(f"<p>{len(rest)} more cases flagged ok (no thumbnail, to keep the page small):</p><table>"
+                     "<tr><th>case</th><th>ICV mL</th><th>mean uncertainty</th></tr>")
+        parts += [f"<tr><td>{esc(d['case'])}</td><td>{_num(d.get('icv_ml'), '.0f')}</td>"
+                  f"<td>{_num(d.get('brain_mean_uncertainty'), '.3f')}</td></tr>" for d in rest]
+        parts.append("</table>")
+
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -109,7 +109,7 @@ def process_case(
     log = CaseLog(outdir if cohort else None, case.stem)
     t0 = time.time()
     if cancel is not None and cancel():
-        return CaseOutcome(case, "cancelled", "cancelled before it started")
+        return CaseOutcome(case, "cancelled", "not started")
     if not overwrite and outputs_complete(outdir, case.stem, settings.uncertainty):
         from .sidecar import rebuild_sidecar, sidecar_valid
 
@@ -134,7 +134,7 @@ def process_case(
         info = _segment_and_write(case, outdir, settings, cohort, report, cancel)
     except Cancelled:
         log.write("cancelled: nothing written")
-        return CaseOutcome(case, "cancelled", "cancelled", seconds=time.time() - t0)
+        return CaseOutcome(case, "cancelled", "stopped while running", seconds=time.time() - t0)
     except (InputError, FileNotFoundError) as exc:
         log.write(f"failed: {exc}")
         return CaseOutcome(case, "failed", str(exc), seconds=time.time() - t0)
@@ -262,7 +262,7 @@ def run_local_pool(cases: Sequence[Case], outdir: Path, settings: Any, *, jobs: 
                     try:
                         yield fut.result()
                     except CancelledError:
-                        yield CaseOutcome(case, "cancelled", "cancelled before it started")
+                        yield CaseOutcome(case, "cancelled", "not started")
                     except BrokenProcessPool:
                         attempts[case.stem] = attempts.get(case.stem, 0) + 1
                         if attempts[case.stem] <= max_retries and not stop():

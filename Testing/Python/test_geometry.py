@@ -94,3 +94,16 @@ def test_mgz_style_affine_round_trip():
     img = image_from_ras_affine(data, aff)
     np.testing.assert_allclose(ras_affine(img), aff, atol=1e-9)
     assert sitk.GetArrayFromImage(img)[5, 4, 3] == data[3, 4, 5]
+
+
+def test_big_endian_float_mgz_is_read(tmp_path):
+    import nibabel as nib
+
+    from msdseg.io import read_image
+
+    data = (np.arange(20 * 21 * 22, dtype=">f4").reshape(20, 21, 22) % 97) * 3.0
+    aff = np.diag([-4.0, 4.0, 4.0, 1.0])
+    nib.save(nib.MGHImage(data, aff), str(tmp_path / "vol.mgz"))
+    img = read_image(tmp_path / "vol.mgz")
+    np.testing.assert_allclose(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)), data)
+    np.testing.assert_allclose(ras_affine(img), aff, atol=1e-6)

@@ -11,6 +11,8 @@ kept, structures we fold (choroid plexus, WM hypointensities, corpus callosum) a
 training data were (:func:`msdseg.sources.labelmap.map_freesurfer`), everything else (skull, scalp,
 vessels, optic chiasm, ...) becomes background, and the map is put on the exact input grid with
 nearest-neighbour resampling so it compares voxel by voxel with ``msdseg segment``'s output.
+Careful: SAMSEG's label 24 ("CSF") covers all intracranial CSF, aseg's label 24 only a sliver, so the
+``csf`` leaf (and totals containing it: brain, midline) are not comparable (:data:`CSF_NOTE`).
 
 Usage::
 
@@ -33,6 +35,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+#: Why the CSF leaf must be left out of a comparison with SAMSEG (see the module doc).
+CSF_NOTE = ("SAMSEG's label 24 (CSF) is all intracranial CSF (sulci, cisterns; ~500 mL on fsaverage), "
+            "FreeSurfer aseg's label 24 only a few mL: exclude the csf leaf and the brain/midline totals "
+            "when comparing volumes or Dice")
 #: Where ``prepare-data`` keeps the venv and SAMSEG's wheel (reused, never rebuilt needlessly).
 DEFAULT_CACHE = Path(os.environ.get("MSDSEG_WHEEL_CACHE", "/tmp/wheels"))
 
@@ -71,6 +77,21 @@ def run_measured(cmd: list[str], log_path: Path, nice: int = 0, env: dict[str, s
     }
 
 
+def read_label_mgz(path: Path) -> sitk.Image:
+    """SAMSEG's ``seg.mgz`` as a SimpleITK image.
+
+    Read with nibabel and converted to native byte order here: MGZ data are big-endian, which
+    SimpleITK's array bridge rejects for anything wider than a byte.
+    """
+    import nibabel as nib
+
+    from ..io import image_from_ras_affine
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    return image_from_ras_affine(data.astype(data.dtype.newbyteorder("="), copy=False), img.affine)
+
+
 def samseg_to_aseg(seg: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """SAMSEG's FreeSurfer-numbered map -> our 32 aseg leaves (uint16) on ``reference``'s grid."""
     from ..labels import load_tree
@@ -98,35 +119,53 @@ def samseg_to_aseg(seg: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Resample(out, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
 
 
-def run_samseg(t1: Path, outdir: Path, threads: int = 1, nice: int = 0, cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
-    """Run SAMSEG on ``t1``, convert its labels and write the files listed in the module doc."""
+def run_samseg(t1: Path, outdir: Path, threads: int = 1, nice: int = 0, cache_dir: Path = DEFAULT_CACHE,
+               convert_only: bool = False) -> dict[str, Any]:
+    """Run SAMSEG on ``t1``, convert its labels and write the files listed in the module doc.
+
+    The measurement is saved before the conversion, so a conversion problem never costs a rerun;
+    ``convert_only`` converts an existing ``OUTDIR/samseg/seg.mgz`` again without running SAMSEG.
+    """
     from ..io import read_image
-    from ..labels import load_tree
-    from ..volumes import structure_volumes, write_volumes_csv
 
     t1 = Path(t1).resolve()
     outdir = Path(outdir).resolve()
     samseg_dir = outdir / "samseg"
     samseg_dir.mkdir(parents=True, exist_ok=True)
     reference = read_image(t1)  # validates the input before spending 10+ minutes
-    cmd = [str(samseg_executable(cache_dir)), "--input", str(t1), "--output", str(samseg_dir), "--threads", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
-    measured = run_measured(cmd, outdir / "samseg_log.txt", nice=nice, env=env)
-    record: dict[str, Any] = {"command": cmd, "threads": threads, "nice": nice, "input": str(t1),
-                              "input_size": list(reference.GetSize()), **measured}
-    seg_path = samseg_dir / "seg.mgz"
-    if measured["returncode"] != 0 or not seg_path.exists():
-        record["error"] = f"run_samseg failed (exit {measured['returncode']}); see {outdir / 'samseg_log.txt'}"
+    record_path = outdir / "samseg_run.json"
+    if convert_only:
+        record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record.pop("error", None)
     else:
-        labels = samseg_to_aseg(read_image(seg_path, validate=False), reference)
-        sitk.WriteImage(labels, str(outdir / "samseg_labels.nii.gz"), useCompression=True)
-        tree = load_tree()
-        volumes = structure_volumes(sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), tree)
-        write_volumes_csv(outdir / "samseg_volumes.csv", volumes, tree)
-        record["brain_ml"] = round(volumes[tree.root.id], 1)
-        record["labels"] = str(outdir / "samseg_labels.nii.gz")
-    (outdir / "samseg_run.json").write_text(json.dumps(record, indent=1))
+        cmd = [str(samseg_executable(cache_dir)), "--input", str(t1), "--output", str(samseg_dir),
+               "--threads", str(threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+        measured = run_measured(cmd, outdir / "samseg_log.txt", nice=nice, env=env)
+        record = {"command": cmd, "threads": threads, "nice": nice, "input": str(t1),
+                  "input_size": list(reference.GetSize()), **measured}
+        record_path.write_text(json.dumps(record, indent=1))
+    seg_path = samseg_dir / "seg.mgz"
+    if record.get("returncode", 0) != 0 or not seg_path.exists():
+        record["error"] = f"run_samseg failed (exit {record.get('returncode')}); see {outdir / 'samseg_log.txt'}"
+    else:
+        record.update(convert_outputs(seg_path, reference, outdir))
+    record_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def convert_outputs(seg_path: Path, reference: sitk.Image, outdir: Path) -> dict[str, Any]:
+    """``samseg_labels.nii.gz`` + ``samseg_volumes.csv`` in our numbering on the input grid."""
+    from ..labels import load_tree
+    from ..volumes import structure_volumes, write_volumes_csv
+
+    labels = samseg_to_aseg(read_label_mgz(seg_path), reference)
+    sitk.WriteImage(labels, str(outdir / "samseg_labels.nii.gz"), useCompression=True)
+    tree = load_tree()
+    volumes = structure_volumes(sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), tree)
+    write_volumes_csv(outdir / "samseg_volumes.csv", volumes, tree)
+    return {"brain_ml": round(volumes[tree.root.id], 1), "labels": str(outdir / "samseg_labels.nii.gz"),
+            "csf_note": CSF_NOTE}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--nice", type=int, default=0, help="lower SAMSEG's CPU priority by this much")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder holding the SAMSEG wheel and venv")
+    p.add_argument("--convert-only", action="store_true", help="only convert an existing OUTDIR/samseg/seg.mgz")
     args = p.parse_args(argv)
-    record = run_samseg(Path(args.t1), Path(args.output), args.threads, args.nice, Path(args.cache))
+    record = run_samseg(Path(args.t1), Path(args.output), args.threads, args.nice, Path(args.cache),
+                        args.convert_only)
     print(json.dumps(record, indent=1))
     return 0 if "error" not in record else 1
 
