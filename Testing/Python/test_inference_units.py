@@ -65,3 +65,22 @@ def test_model_file_round_trip_and_tamper_detection(tmp_path):
         load_model(path)
     cfg = json.loads(path.with_suffix(".json").read_text())
     assert "architecture" in cfg and cfg["weights_file"] == "m.safetensors"
+
+
+def test_windowed_sampling_matches_whole_volume_when_one_window_covers_it(monkeypatch):
+    """The sliding-window path (used for large grids and after out-of-memory) gives the same
+    answer as the whole-volume path when a single window covers the grid."""
+    import numpy as np
+
+    import msdseg.inference as inf
+    from msdseg.geometry import ModelGrid
+
+    torch.manual_seed(0)
+    model = MultiscaleDiffUNet(ModelConfig(channels=(4, 8, 8, 8), image_channels_per_depth=(4, 4, 8, 8))).eval()
+    grid = ModelGrid.centred(np.zeros(3), 4.0, fov_mm=(64.0, 64.0, 64.0))
+    values = np.random.default_rng(0).random(grid.shape).astype(np.float32)
+    whole = inf.predict_on_grid(model, grid, values, 2, 2, 1, precision="fp32", windowed=False)
+    monkeypatch.setattr(inf, "WINDOW_ROI", (16, 16, 16))
+    win = inf.predict_on_grid(model, grid, values, 2, 2, 1, precision="fp32", windowed=True)
+    assert torch.allclose(win.mean.sum(0), torch.ones(grid.shape), atol=1e-4)
+    assert torch.allclose(win.mean, whole.mean, atol=1e-4)
