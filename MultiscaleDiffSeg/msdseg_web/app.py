@@ -23,9 +23,9 @@ from trame.app import TrameApp
 from trame_server.utils.asynchronous import create_task
 from trame_server.utils.typed_state import TypedState
 from trame_slicer import module as trame_slicer_module
-from trame_slicer.app.ui import ViewerLayoutState
 from trame_slicer.app.logic import LayoutButtonLogic, VolumePropertyLogic
 from trame_slicer.app.logic.segmentation import SegmentEditorLogic
+from trame_slicer.app.ui import ViewerLayoutState
 from trame_slicer.core import SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
@@ -41,7 +41,7 @@ from . import scene
 from .panels import group_state_key
 from .results import read_result_labels, save_result
 from .session import Session
-from .ui import build_page
+from .ui import build_page, use_slices_layout
 from .uploads import receive_result, receive_t1
 from .worker import CANCELLED, DONE, FAILED, SegmentationJob
 
@@ -62,13 +62,6 @@ class AppOptions:
 
 def user_errors(method: Callable) -> Callable:
     """Show :class:`InputError` (and unexpected failures) in the page instead of losing them in a log."""
-    if asyncio.iscoroutinefunction(method):
-        @functools.wraps(method)
-        async def wrapped_async(self: "MsdsegWebApp", *args: Any, **kwargs: Any) -> Any:
-            with self.showing_errors():
-                return await method(self, *args, **kwargs)
-        return wrapped_async
-
     @functools.wraps(method)
     def wrapped(self: "MsdsegWebApp", *args: Any, **kwargs: Any) -> Any:
         with self.showing_errors():
@@ -76,7 +69,27 @@ def user_errors(method: Callable) -> Callable:
     return wrapped
 
 
+@contextlib.contextmanager
+def quiet_vtk_warnings() -> Iterator[None]:
+    """Silence VTK warnings while trame-slicer builds its views.
+
+    Why: each view observes the interactor's WindowResizeEvent, and VTK 9.6 prints a six-line
+    deprecation warning for every one of them at start-up; it says nothing to a user.  Warnings
+    after start-up are shown as usual.
+    """
+    from vtkmodules.vtkCommonCore import vtkObject
+
+    was_on = vtkObject.GetGlobalWarningDisplay()
+    vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtkObject.SetGlobalWarningDisplay(was_on)
+
+
 class MsdsegWebApp(TrameApp):
+    """One server, one scene, one open case; page callbacks are the methods below."""
+
     def __init__(self, options: AppOptions, server=None):
         super().__init__(server)
         self.options = options
@@ -84,13 +97,16 @@ class MsdsegWebApp(TrameApp):
         self.session = Session()
         self._uploads = Path(tempfile.mkdtemp(prefix="msdseg_web_"))
         self._volumes_task: asyncio.Task | None = None
+        self.jobs_started = 0
 
         self.server.enable_module(trame_slicer_module)
-        self.slicer_app = SlicerApp()
-        register_rca_factories(self.slicer_app.view_manager, self.server)
-        self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
-        self.volume_property_logic = VolumePropertyLogic(self.server, self.slicer_app)
-        self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
+        with quiet_vtk_warnings():
+            self.slicer_app = SlicerApp()
+            register_rca_factories(self.slicer_app.view_manager, self.server)
+            self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
+            self.volume_property_logic = VolumePropertyLogic(self.server, self.slicer_app)
+            self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
+            use_slices_layout(self.server, self.layout_logic.layout_manager)
         self.viewer = TypedState(self.state, ViewerLayoutState)
         self._init_state()
         page = build_page(self.server, self, self.tree, self.layout_logic.layout_manager)
@@ -143,10 +159,9 @@ class MsdsegWebApp(TrameApp):
         self._refuse_while_running()
         folder = Path(tempfile.mkdtemp(dir=self._uploads))
         try:
-            path, image = receive_t1(files, folder)
-        except Exception:
+            path, image = receive_t1(files, folder)  # the voxels are in memory from here on
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
-            raise
         with self.state:
             self._show_t1(path, image)
 
@@ -191,6 +206,7 @@ class MsdsegWebApp(TrameApp):
         job = SegmentationJob(self.session.image, settings)
         self.session.job = job
         job.start()
+        self.jobs_started += 1
         self.state.msd_running = True
         self.state.msd_error = ""
         self.state.msd_progress = 0
@@ -203,29 +219,27 @@ class MsdsegWebApp(TrameApp):
             self.state.msd_message = "cancelling"
 
     async def _watch(self, job: SegmentationJob, session: Session) -> None:
-        while True:
-            status = job.status()
+        while not (status := job.status()).finished:
             with self.state:
                 self.state.msd_progress = round(100 * status.progress, 1)
                 self.state.msd_message = f"{status.message} ({status.seconds:.0f} s)"
-            if status.finished:
-                break
             await asyncio.sleep(POLL_SECONDS)
         with self.state:
             self.state.msd_running = False
             if session is not self.session:
                 return
+            self.state.msd_progress = 100 if status.state == DONE else 0
             if status.state == DONE and job.result is not None:
                 result = job.result
+                self.state.msd_message = "importing the result"
                 with self.showing_errors():
                     self._show_result(result.labels, result.uncertainty, dict(result.info))
-                self.state.msd_message = (f"done in {status.seconds:.0f} s ({result.info.get('preset')} preset, "
-                                          f"{result.info.get('device')})")
+                    self.state.msd_message = (f"done in {status.seconds:.0f} s "
+                                              f"({result.info.get('preset')} preset, {result.info.get('device')})")
             elif status.state == FAILED:
                 self.state.msd_error = status.error
                 self.state.msd_message = "failed"
             elif status.state == CANCELLED:
-                self.state.msd_progress = 0
                 self.state.msd_message = "cancelled"
 
     @contextlib.contextmanager
@@ -252,6 +266,7 @@ class MsdsegWebApp(TrameApp):
         nodes = scene.import_result(self.slicer_app.scene, volume, labels, uncertainty, segmentation_node,
                                     self.tree, info)
         self.editor.set_active_segmentation(nodes.segmentation, volume)  # also clears the undo stack
+        self.slicer_app.display_manager.reset_views()  # fit the slices to the views as the page sizes them
         session.nodes, session.uncertainty, session.info = nodes, uncertainty, info
         s = self.state
         s.msd_has_result = True
@@ -293,10 +308,22 @@ class MsdsegWebApp(TrameApp):
     def _set_volumes(self, labels: sitk.Image) -> None:
         volumes = structure_volumes(sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), self.tree)
         self.state.msd_volumes = [
-            {"id": node.id, "name": node.name, "level": self.tree.depth(node.id), "leaf": node.label is not None,
+            {"id": node.id, "name": node.name, "level": level, "leaf": node.label is not None,
              "ml": f"{volumes.get(node.id, 0.0):.2f}"}
-            for node in self.tree.nodes
+            for node, level in self._tree_rows()
         ]
+
+    def _tree_rows(self) -> list[tuple[Any, int]]:
+        """Nodes depth-first (each parent directly above its children) with their depth."""
+        rows: list[tuple[Any, int]] = []
+
+        def visit(node: Any, level: int) -> None:
+            rows.append((node, level))
+            for child in self.tree.children(node.id):
+                visit(child, level + 1)
+
+        visit(self.tree.root, 0)
+        return rows
 
     def _schedule_volumes(self, *_: Any) -> None:
         if self.session.segmentation_node is None:

@@ -40,6 +40,8 @@ def save_result(labels: sitk.Image, uncertainty: sitk.Image | None, tree: LabelT
 
 def read_result_labels(path: Path) -> sitk.Image:
     """A saved ``.seg.nrrd`` or labels image -> uint16 aseg labels (grid checked by the caller)."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
     try:
         if path.name.lower().endswith(".seg.nrrd"):
             image = read_seg_nrrd_labels(path)

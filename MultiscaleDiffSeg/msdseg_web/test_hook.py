@@ -25,6 +25,7 @@ def snapshot(app) -> dict[str, Any]:
     undo = app.editor.undo_stack
     return {
         "input": session.stem or None,
+        "jobs_started": app.jobs_started,
         "job": None if job is None else {"state": job.state, "progress": job.progress, "message": job.message,
                                          "error": job.error},
         "has_result": session.segmentation_node is not None,
@@ -38,6 +39,7 @@ def snapshot(app) -> dict[str, Any]:
         else session.nodes.uncertainty.GetID(),
         "foreground_volumes": sorted({v.get_foreground_volume_id() or "" for v in views}),
         "volumes_rows": len(state.msd_volumes or []),
+        "volumes_ml": {row["id"]: float(row["ml"]) for row in state.msd_volumes or []},
         "groups": group_visibility(app),
     }
 

@@ -28,7 +28,9 @@ from trame_slicer.app.ui import (
     ViewerLayoutState,
     VolumePropertyUI,
 )
+from trame_slicer.app.ui import LayoutButtonState
 from trame_slicer.core import LayoutManager
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from msdseg.labels import LabelTree
 
@@ -42,6 +44,9 @@ TOOLS = {
     "display": ("mdi-tune-variant", "Volume display"),
 }
 DEFAULT_TOOL = "segmentation"
+#: The default view layout: three slice views.  A segmentation is reviewed and edited on slices;
+#: the 3D layouts stay one click away in the layout menu.
+SLICES_LAYOUT = "Axial Primary (slices only)"
 
 
 @dataclass
@@ -52,6 +57,16 @@ class PageWidgets:
     editor: SegmentEditorUI
     volume_property: VolumePropertyUI
     layout_button: LayoutButton
+
+
+def use_slices_layout(server, layout_manager: LayoutManager) -> None:
+    """Register :data:`SLICES_LAYOUT` (axial left, coronal and sagittal right) and select it."""
+    layout_manager.register_layout(SLICES_LAYOUT, Layout(
+        LayoutDirection.Horizontal,
+        [ViewLayoutDefinition.axial_view(),
+         Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()])],
+    ))
+    TypedState(server.state, LayoutButtonState).data.current_layout_id = SLICES_LAYOUT
 
 
 def build_page(server, app, tree: LabelTree, layout_manager: LayoutManager) -> PageWidgets:

@@ -132,7 +132,7 @@ def test_overfit_left_right_phantom_through_ddim(tmp_path):
     tree = load_tree()
     n = 24
     cfg = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(8, 8, 8), image_channels_per_depth=(8, 8, 8), time_dim=32)
-    tcfg = TrainConfig(out_dir=str(tmp_path), max_steps=220, max_minutes=0.9, lr=1.5e-2, warmup_steps=5,
+    tcfg = TrainConfig(out_dir=str(tmp_path), max_steps=200, lr=1.5e-2, warmup_steps=5,
                        modes=(TrainMode(2.0, None, 1.0),), depth_weights=(1.0, 0.3, 0.1), checkpoint_minutes=99)
     trainer = Trainer(tcfg, tree, lambda rng, mode: _phantom(rng, tree, n), model_cfg=cfg)
     start = time.process_time()
