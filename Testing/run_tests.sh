@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev,mrml,web]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[all]"
 # The web app's browser test drives Debian's chromium through chromedriver; install them when
 # missing and allowed (root with apt-get), otherwise that one test skips with its reason.
 if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
