@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import subprocess
+import shutil
 import sys
 import threading
 import time
@@ -246,7 +247,8 @@ def bench_scaling(volume: tuple[str, Path], workers: Sequence[int], cases: int, 
     for i in range(cases):
         link = cohort_in / f"case{i:03d}_T1w.nii.gz"
         if not link.exists():
-            link.symlink_to(vpath.resolve())
+            # real copies: the cohort driver treats paths resolving to one file as one case
+            shutil.copyfile(vpath.resolve(), link)
     rows = []
     base = None
     for w in workers:
