@@ -14,7 +14,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .diffusion import normalised_entropy
 from .geometry import ModelGrid, input_index_to_grid_index
 
 SLAB_VOXELS = 2_000_000
@@ -72,8 +71,3 @@ def backproject(
         unc_img = sitk.GetImageFromArray(unc_out)
         unc_img.CopyInformation(image)
     return labels_img, unc_img
-
-
-def entropy_map(probs: torch.Tensor) -> torch.Tensor:
-    """(1, X, Y, Z) normalised entropy of (C, X, Y, Z) probabilities."""
-    return normalised_entropy(probs, dim=0)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from .errors import Cancelled
@@ -171,11 +170,3 @@ def ddim_sample(
         ensemble.add(fused)
         del fused, weights, x
     return ensemble.result(steps)
-
-
-def upsample_probs(probs: torch.Tensor, factor: int) -> torch.Tensor:
-    """Trilinear upsampling of (C, X, Y, Z) probabilities by an integer factor, renormalised."""
-    if factor == 1:
-        return probs
-    up = F.interpolate(probs[None], scale_factor=factor, mode="trilinear", align_corners=False)[0]
-    return up / up.sum(0, keepdim=True).clamp_min(1e-8)

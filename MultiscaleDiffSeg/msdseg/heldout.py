@@ -64,12 +64,10 @@ def evaluate_model(
                 write_report(report, outdir, stem, tree=tree, image=image,
                              title=f"{results['model']} - {case['name']} - {name} ({preset})")
         results["cases"][case["name"]] = per_case
-    (outdir / "heldout_summary.json").write_text(json.dumps(results, indent=1, default=_nan_to_none))
+    from .evaluate import _json_safe
+
+    (outdir / "heldout_summary.json").write_text(json.dumps(_json_safe(results), indent=1))
     return results
-
-
-def _nan_to_none(v):
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

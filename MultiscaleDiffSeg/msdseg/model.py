@@ -15,7 +15,7 @@ Why this shape:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +190,3 @@ class MultiscaleDiffUNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def required_multiple(cfg: ModelConfig, entry: int) -> int:
-    """Spatial sizes at the entry depth must be divisible by this (one halving per coarser depth)."""
-    return 2 ** (cfg.depths - 1 - entry)

@@ -17,14 +17,14 @@ air.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import FOV_MM, ModelGrid, normalise_intensities
+from .geometry import ModelGrid, normalise_intensities
 from .labels import LabelTree
 
 IGNORE = 255
@@ -378,7 +378,3 @@ class SyntheticGenerator:
         image = image + torch.randn(image.shape, generator=gen) * rng.uniform(0, cfg.noise_max)
         image = image.clamp_min(0.0) ** float(np.exp(rng.normal(0, cfg.gamma_std)))
         return image
-
-
-def full_grid_shape(spacing_mm: float) -> tuple[int, int, int]:
-    return tuple(int(round(f / spacing_mm)) for f in FOV_MM)  # type: ignore[return-value]

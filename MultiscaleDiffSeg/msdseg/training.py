@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -253,13 +253,6 @@ class Trainer:
                 for s, h in old.items():
                     signal.signal(s, h)
         return self.step
-
-    def export(self, path: str | Path, extra: dict | None = None) -> Path:
-        meta = dict(self.metadata)
-        meta.update(extra or {})
-        meta.update({"trained": True, "train_steps": self.step, "train_cpu_seconds": round(self.elapsed, 1),
-                     "label_tree": {"name": self.tree.name, "version": self.tree.version}})
-        return save_model(self.model, path, meta)
 
 
 def synthetic_sample_fn(generator: SyntheticGenerator) -> SampleFn:
