@@ -1,7 +1,7 @@
 """Device choice and precision: CUDA > MPS > CPU for ``auto``; mixed precision where it pays.
 
 Measured on the 2-core development CPU: bf16 autocast roughly halves the time of a training step
-(see docs/benchmarks.md), so the CPU default is bf16; CUDA and MPS use fp16.
+(see docs/field_notes.md), so the CPU default is bf16; CUDA and MPS use fp16.
 """
 from __future__ import annotations
 
