@@ -106,7 +106,7 @@ class HierarchicalLoss:
                 self.w.__dict__[k] * node[k] for k in ("dice", "bce", "mse")
             )
             total = total + dws[min(d, len(dws) - 1)] * depth_loss
-            parts[f"d{d}_leaf_dice"] = float(leaf["dice"].detach())
-            parts[f"d{d}_node_dice"] = float(node["dice"].detach())
+            parts[f"d{d}_leaf_dice_loss"] = float(leaf["dice"].detach())  # 1 - soft Dice
+            parts[f"d{d}_node_dice_loss"] = float(node["dice"].detach())
         parts["loss"] = float(total.detach())
         return total, parts

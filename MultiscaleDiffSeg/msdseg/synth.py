@@ -157,7 +157,9 @@ class TrainingSample:
 class SyntheticGenerator:
     """Draws :class:`TrainingSample` objects from a list of label sources."""
 
-    def __init__(self, sources: list[LabelSource], tree: LabelTree, config: SynthConfig | None = None):
+    def __init__(self, sources: list, tree: LabelTree, config: SynthConfig | None = None):
+        """``sources``: :class:`LabelSource` objects, or samplers with ``name`` and
+        ``label_source(rng) -> LabelSource`` (see :mod:`msdseg.synth_priors`)."""
         if not sources:
             raise ValueError("no label sources to synthesise from")
         self.sources = sources
@@ -178,6 +180,8 @@ class SyntheticGenerator:
         source_index: int | None = None,
     ) -> TrainingSample:
         src = self.sources[self._pick_source(rng) if source_index is None else source_index]
+        if not isinstance(src, LabelSource):
+            src = src.label_source(rng)  # a sampler that draws new maps (synth_priors)
         grid, centre = self._output_grid(rng, src, spacing_mm, crop_shape)
         factor = 2 if spacing_mm >= 2.0 * src.spacing_mm - 1e-6 else 1
         gen_grid = ModelGrid(

@@ -42,6 +42,11 @@ def load_sources(manifest_path: Path, only: list[str] | None = None):
         src = LabelSource.from_file(base / m["path"], set(m["defined"]))
         src.name = f"{m['source']}/{m['name']}"
         out.append(src)
+    priors = doc.get("extras", {}).get("samseg", {}).get("priors")
+    if priors and (base / priors).exists() and (not only or "samseg_priors" in only):
+        from .synth_priors import PriorMapSampler
+
+        out.append(PriorMapSampler(base / priors))
     if not out:
         raise InputError(f"{manifest_path}: no training maps")
     return out, doc

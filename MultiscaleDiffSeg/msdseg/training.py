@@ -104,7 +104,9 @@ class Trainer:
         if cfg.init_model:
             self.model = load_model(cfg.init_model).model
         else:
-            self.model = MultiscaleDiffUNet(model_cfg or ModelConfig(n_classes=tree.n_classes))
+            with torch.random.fork_rng(devices=[]):  # same seed, same initial weights
+                torch.manual_seed(cfg.seed)
+                self.model = MultiscaleDiffUNet(model_cfg or ModelConfig(n_classes=tree.n_classes))
         self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
@@ -206,6 +208,27 @@ class Trainer:
                       "t": int(t[0]), "grad_norm": float(gnorm), "lr": lr_at(self.step - 1, self.cfg)})
         return parts
 
+    def log_fields(self) -> list[str]:
+        """CSV columns: fixed, so rows of steps that supervise fewer depths stay aligned (blank)."""
+        per_depth = [f"d{d}_{k}_dice_loss" for d in range(self.model.cfg.depths) for k in ("leaf", "node")]
+        return per_depth + ["loss", "entry_mm", "crop", "t", "grad_norm", "lr", "step", "seconds", "elapsed"]
+
+    def _open_log_path(self) -> tuple[Path, bool]:
+        """``train_log.csv`` and whether it is new.  A log with other columns (older versions) is
+        renamed aside rather than appended to with mismatched columns."""
+        path = self.out / "train_log.csv"
+        if not path.exists():
+            return path, True
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header == self.log_fields():
+            return path, False
+        n = 1
+        while (self.out / f"train_log.{n}.csv").exists():
+            n += 1
+        path.rename(self.out / f"train_log.{n}.csv")
+        return path, True
+
     def request_stop(self, *_args) -> None:
         self._stop = True
 
@@ -220,11 +243,12 @@ class Trainer:
             old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         start = time.time()
         last_ckpt = start
-        log_path = self.out / "train_log.csv"
-        new_log = not log_path.exists()
+        log_path, new_log = self._open_log_path()
         try:
             with open(log_path, "a", newline="") as log:
-                writer = None
+                writer = csv.DictWriter(log, fieldnames=self.log_fields(), restval="", extrasaction="ignore")
+                if new_log:
+                    writer.writeheader()
                 while self.step < self.cfg.max_steps and not self._stop:
                     if cancel is not None and cancel():
                         break
@@ -236,10 +260,6 @@ class Trainer:
                     self.elapsed += dt
                     parts.update({"step": self.step, "seconds": round(dt, 3), "elapsed": round(self.elapsed, 1)})
                     if self.step % self.cfg.log_every == 0 or self.step == 1:
-                        if writer is None:
-                            writer = csv.DictWriter(log, fieldnames=list(parts.keys()), extrasaction="ignore")
-                            if new_log:
-                                writer.writeheader()
                         writer.writerow(parts)
                         log.flush()
                     if progress is not None:

@@ -1,0 +1,68 @@
+"""Trainer: an interrupted run resumes to exactly the weights of an uninterrupted one, and its log
+keeps one header with aligned columns whatever depths each step supervised."""
+import csv
+
+import numpy as np
+import torch
+
+from msdseg.labels import load_tree
+from msdseg.model import ModelConfig
+from msdseg.synth import LabelSource, SyntheticGenerator
+from msdseg.training import Trainer, TrainConfig, TrainMode, synthetic_sample_fn
+
+TREE = load_tree()
+MODEL = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(4, 4, 8), image_channels_per_depth=(4, 4, 8), time_dim=16)
+# a 2 mm crop supervises three depths, a whole 4 mm volume two: rows of different lengths
+MODES = (TrainMode(2.0, (16, 16, 16), 0.5), TrainMode(4.0, None, 0.5))
+
+
+def _generator() -> SyntheticGenerator:
+    shape = (60, 70, 56)
+    x, y, z = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
+    brain = (x / 26) ** 2 + (y / 30) ** 2 + (z / 22) ** 2 < 1
+    lab = np.where(brain, np.where(x < 0, 3, 42), 0).astype(np.int32)
+    aff = np.eye(4)
+    aff[:3, 3] = -np.array(shape) / 2
+    return SyntheticGenerator([LabelSource.from_array("toy", lab, aff)], TREE)
+
+
+def _trainer(out, max_steps: int) -> Trainer:
+    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, lr=1e-2, warmup_steps=2, log_every=1,
+                      modes=MODES, depth_weights=(1.0, 0.5, 0.3), checkpoint_minutes=99)
+    return Trainer(cfg, TREE, synthetic_sample_fn(_generator()), model_cfg=MODEL)
+
+
+def test_interrupted_run_resumes_exactly_and_logs_aligned_columns(tmp_path):
+    straight = _trainer(tmp_path / "straight", 6)
+    straight.run(handle_signals=False)
+
+    first = _trainer(tmp_path / "resumed", 6)
+    first.run(handle_signals=False, cancel=lambda: first.step >= 3)  # as an interrupted session would
+    second = _trainer(tmp_path / "resumed", 6)
+    assert second.step == 3
+    second.run(handle_signals=False)
+
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with open(tmp_path / "resumed" / "train_log.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    header = rows[0]
+    assert header == second.log_fields() and rows.count(header) == 1
+    assert [len(r) for r in rows] == [len(header)] * 7
+    steps = [int(r[header.index("step")]) for r in rows[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    spacings = {float(r[header.index("entry_mm")]) for r in rows[1:]}
+    assert spacings == {2.0, 4.0}  # both row lengths occurred
+    for r in rows[1:]:
+        depths = 3 if float(r[header.index("entry_mm")]) == 2.0 else 2
+        assert r[header.index(f"d{depths - 1}_leaf_dice_loss")] != ""
+        assert all(r[header.index(f"d{d}_leaf_dice_loss")] == "" for d in range(depths, 3))
+
+
+def test_log_of_an_older_layout_is_set_aside(tmp_path):
+    (tmp_path / "train_log.csv").write_text("d0_leaf_dice,loss\n0.5,1.0\n")
+    trainer = _trainer(tmp_path, 1)
+    trainer.run(handle_signals=False)
+    assert (tmp_path / "train_log.1.csv").read_text() == "d0_leaf_dice,loss\n0.5,1.0\n"
+    with open(tmp_path / "train_log.csv", newline="") as f:
+        assert next(csv.reader(f)) == trainer.log_fields()
