@@ -62,6 +62,8 @@ class SynthConfig:
     noise_max: float = 0.04
     gamma_std: float = 0.25
     shell_prob: float = 0.6
+    fov_prob: float = 0.2  # share of cases scanned with a field of view that cuts the brain
+    fov_cut_max: float = 0.3  # largest share of the brain's extent a cut removes
 
 
 @dataclass
@@ -200,8 +202,12 @@ class SyntheticGenerator:
         if factor > 1:
             image = F.avg_pool3d(image[None, None], factor)[0, 0]
         image = self._corrupt_after(rng, image)
-        image = torch.from_numpy(normalise_intensities(image.numpy()))
         target, weight = self._targets(labels, factor)
+        if rng.random() < self.cfg.fov_prob:
+            keep = self._field_of_view(rng, grid, src)
+            image = image * keep  # nothing was acquired beyond the cut ...
+            weight = weight * keep  # ... so nothing there is supervised either
+        image = torch.from_numpy(normalise_intensities(image.numpy()))
         defined = self._defined_after_flip(src.defined_labels, flip)
         present = {self.tree.aseg_to_channel[l] for l in defined if l in self.tree.aseg_to_channel}
         defined_nodes = self.tree.defined_nodes(present)
@@ -235,6 +241,21 @@ class SyntheticGenerator:
         centre = rng.uniform(src.brain_lo + 20.0, np.maximum(src.brain_hi - 20.0, src.brain_lo + 21.0))
         origin = centre - spacing * (np.array(crop_shape) - 1) / 2.0
         return ModelGrid(tuple(origin), spacing, tuple(crop_shape)), full.centre_ras
+
+    def _field_of_view(self, rng, grid: ModelGrid, src: LabelSource) -> torch.Tensor:
+        """1 inside, 0 beyond one or two planes cutting into the brain (a scan whose slab
+        misses the vertex, the cerebellum or a temporal pole), on the output grid."""
+        keep = torch.ones(grid.shape)
+        half = (src.brain_hi - src.brain_lo) / 2.0
+        for axis in rng.choice(3, size=int(rng.integers(1, 3)), replace=False):
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            limit = src.brain_centre[axis] + side * half[axis] * (1.0 - 2.0 * rng.uniform(0.05, self.cfg.fov_cut_max))
+            ras = grid.origin_ras[axis] + grid.spacing_mm * torch.arange(grid.shape[axis], dtype=torch.float32)
+            inside = (side * (ras - limit) <= 0).float()
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            keep = keep * inside.view(shape)
+        return keep
 
     def _sample_labels(self, rng, src: LabelSource, grid: ModelGrid, flip: bool):
         """Nearest-neighbour class indices of ``src`` on ``grid`` under a random deformation."""

@@ -6,7 +6,7 @@ import torch
 
 from msdseg.labels import load_tree
 from msdseg.losses import HierarchicalLoss
-from msdseg.synth import IGNORE, LabelSource, SyntheticGenerator
+from msdseg.synth import IGNORE, LabelSource, SynthConfig, SyntheticGenerator
 
 TREE = load_tree()
 
@@ -115,3 +115,17 @@ def test_loss_gradient_survives_saturated_background():
     l.backward()
     # with log(clamp(p)) this gradient is exactly zero; through log_softmax it is not
     assert logits.grad[:, TREE.aseg_to_channel[10], :2].max() < -1e-5
+
+
+def test_cut_field_of_view_blanks_image_and_supervision_together():
+    lab, aff = _toy_map()
+    gen = SyntheticGenerator([LabelSource.from_array("toy", lab, aff)], TREE, SynthConfig(fov_prob=1.0, fov_cut_max=0.3))
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        s = gen.sample(rng, 4.0)
+        cut = s.weight[0] == 0
+        brain = s.target[1:].sum(0) > 0.5
+        assert (cut & brain).sum() > 0  # each cut removes part of the brain ...
+        assert (~cut & brain).sum() > 2 * (cut & brain).sum()  # ... but at most about a third
+        assert float(s.image[0][cut].abs().max()) == 0.0  # nothing acquired there
+        assert float(s.image[0][~cut].max()) > 0.5
