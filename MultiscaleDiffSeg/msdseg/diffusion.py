@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -118,7 +118,7 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ddim_sample(
-    denoise: DenoiseFn,
+    denoise: DenoiseFn | Sequence[DenoiseFn],
     shape: tuple[int, ...],
     *,
     steps: int,
@@ -135,13 +135,19 @@ def ddim_sample(
     for a batch of one.  With ``steps == 0`` a single deterministic pass is made from x_t = 0 at the
     last timestep (the baseline the ensemble is compared with).  Each sample's noise comes from its
     own generator seeded ``seed + sample``, so results do not depend on the device's RNG state.
+
+    ``denoise`` may be a sequence of denoisers that all answer in the same frame (for example one
+    that sees the image as stored and one that sees it mirrored and maps its answer back): sample
+    ``s`` uses ``denoise[s % len(denoise)]``, so the ensemble mixes views as well as noise draws.
+    The deterministic pass uses the first.
     """
+    views = list(denoise) if isinstance(denoise, (list, tuple)) else [denoise]
     ensemble = RunningEnsemble()
     total = max(samples * max(steps, 1), 1)
     done = 0
     if steps == 0:
         t = torch.full((1,), NUM_TRAIN_TIMESTEPS - 1, device=device, dtype=torch.long)
-        probs = denoise(torch.zeros((1, *shape), device=device), t)[0]
+        probs = views[0](torch.zeros((1, *shape), device=device), t)[0]
         ensemble.add(probs.float())
         return ensemble.result(0)
     sched = make_sampling_scheduler(steps)
@@ -154,7 +160,7 @@ def ddim_sample(
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             t = torch.full((1,), int(t_val), device=device, dtype=torch.long)
-            probs = denoise(x, t)[0].float()
+            probs = views[s % len(views)](x, t)[0].float()
             if fuse_steps:
                 w = suf_weight(i, steps, probs)
                 fused += w * probs

@@ -30,9 +30,9 @@ log = logging.getLogger("msdseg")
 
 #: entry spacing (mm), DDIM steps, samples.  ``steps=0`` means one deterministic pass.
 PRESETS: dict[str, dict[str, float | int]] = {
-    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1},
-    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2},
-    "accurate": {"spacing_mm": 1.0, "steps": 6, "samples": 4},
+    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1, "mirror": False},
+    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2, "mirror": True},
+    "accurate": {"spacing_mm": 1.0, "steps": 6, "samples": 4, "mirror": True},
 }
 #: Above this many voxels at the entry depth on a CPU, denoise in overlapping windows.
 WINDOW_THRESHOLD_VOXELS = 3_000_000
@@ -57,6 +57,7 @@ class SegmentSettings:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     spacing_mm: float | None = None  # override the preset's entry resolution
     check_brain: bool = True  # reject results whose brain volume is implausible
+    mirror: bool | None = None  # every other sample sees the left/right-mirrored image (None: preset)
 
     def resolved(self) -> dict[str, Any]:
         if self.preset not in PRESETS:
@@ -72,6 +73,8 @@ class SegmentSettings:
             p["samples"] = self.samples
         if self.spacing_mm is not None:
             p["spacing_mm"] = self.spacing_mm
+        if self.mirror is not None:
+            p["mirror"] = self.mirror
         return p
 
 
@@ -140,6 +143,7 @@ def segment_image(
         "spacing_mm": spacing,
         "steps": int(params["steps"]),
         "samples": int(params["samples"]),
+        "mirror": bool(params["mirror"]) and int(params["samples"]) > 1 and int(params["steps"]) > 0,
         "seed": settings.seed,
         "seconds": round(time.time() - t_start, 2),
         "mean_uncertainty": float(result.entropy.mean()),
@@ -163,8 +167,16 @@ def predict_on_grid(
     windowed: bool | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    mirror_permutation: np.ndarray | None = None,
 ) -> SamplingResult:
-    """Sampling on a prepared model grid (also used by evaluation and the training tests)."""
+    """Sampling on a prepared model grid (also used by evaluation and the training tests).
+
+    With ``mirror_permutation`` (the tree's left/right channel swap) every other sample sees the
+    image mirrored along the grid's x (left-right) axis; its answers are mirrored back and their
+    left/right channels swapped before they join the ensemble.  Mirroring is free test-time
+    augmentation (the second sample costs the same either way); on the held-out T1 it raised
+    mean Dice more than a second unmirrored sample did (docs/model_card.md).
+    """
     device = torch.device(device)
     dtype = autocast_dtype(device, precision)
     image = torch.from_numpy(values)[None, None].float().to(device)
@@ -174,21 +186,38 @@ def predict_on_grid(
         windowed = device.type == "cpu" and int(np.prod(grid.shape)) > WINDOW_THRESHOLD_VOXELS
     ctx = lambda: torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     with torch.inference_mode():
-        if windowed:
-            denoise = _windowed_denoiser(model, image, coords, entry, ctx)
-        else:
-            with ctx():
-                feats = model.encode_image(image, coords, entry)
-
-            def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                with ctx():
-                    logits = model.denoise(feats, x_t, t, entry)[0]
-                return torch.softmax(logits.float(), dim=1)
-
+        views = [_denoiser(model, image, coords, entry, ctx, windowed)]
+        if mirror_permutation is not None and samples > 1 and steps > 0:
+            perm = torch.as_tensor(np.asarray(mirror_permutation), device=device)
+            views.append(_mirrored(_denoiser(model, image.flip(2), coords, entry, ctx, windowed), perm))
         return ddim_sample(
-            denoise, shape, steps=steps, samples=samples, seed=seed, device=device,
+            views, shape, steps=steps, samples=samples, seed=seed, device=device,
             progress=progress, cancel=cancel,
         )
+
+
+def _denoiser(model, image, coords, entry, ctx, windowed: bool):
+    """x0 probabilities for (x_t, t); the image encoder runs once here, not at every step."""
+    if windowed:
+        return _windowed_denoiser(model, image, coords, entry, ctx)
+    with ctx():
+        feats = model.encode_image(image, coords, entry)
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            logits = model.denoise(feats, x_t, t, entry)[0]
+        return torch.softmax(logits.float(), dim=1)
+
+    return denoise
+
+
+def _mirrored(denoise_mirrored, perm: torch.Tensor):
+    """Wrap a denoiser that sees the mirrored image so that it answers in the original frame."""
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoise_mirrored(x_t.flip(2)[:, perm], t).flip(2)[:, perm]
+
+    return denoise
 
 
 def _windowed_denoiser(model, image, coords, entry, ctx):
@@ -224,6 +253,7 @@ def _sample_with_fallback(model, grid, values, entry, params, settings, device, 
                 model, grid, values, entry, int(params["steps"]), int(params["samples"]),
                 settings.seed, dev, settings.precision, windowed,
                 progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=check,
+                mirror_permutation=load_tree().flip_permutation if params["mirror"] else None,
             )
             return res, dev
         except Cancelled:

@@ -151,3 +151,45 @@ def test_overfit_left_right_phantom_through_ddim(tmp_path):
         p, r = pred == c, ref == c
         dice = 2 * (p & r).sum().item() / (p.sum().item() + r.sum().item())
         assert dice >= 0.9, (lab, dice, trainer.step)
+
+
+def test_mirrored_view_answers_in_the_original_frame():
+    """A denoiser that is exactly mirror-equivariant gives the same ensemble with or without the
+    mirrored view; the sequence of views alternates between samples."""
+    from msdseg.inference import _mirrored
+
+    tree = load_tree()
+    perm = torch.as_tensor(tree.flip_permutation)
+    c = tree.n_classes
+    left, right = tree.aseg_to_channel[10], tree.aseg_to_channel[49]
+    shape = (c, 8, 6, 5)
+    # image: a blob on the left half (low x); the "network" labels bright voxels left thalamus when
+    # they lie at low x, right thalamus at high x (a sided rule, as the real network learns)
+    image = torch.zeros(1, 1, 8, 6, 5)
+    image[0, 0, 1:3, 2:4, 1:4] = 1.0
+
+    def make(img):
+        def denoise(x_t, t):
+            p = torch.zeros(1, *shape)
+            p[:, 0] = 1.0 - img[0]
+            lo = img[0, 0].clone()
+            lo[4:] = 0
+            hi = img[0, 0] - lo
+            p[:, left], p[:, right] = lo, hi
+            return p
+        return denoise
+
+    plain, mirrored = make(image), _mirrored(make(image.flip(2)), perm)
+    x = torch.randn(1, *shape)
+    t = torch.tensor([10])
+    torch.testing.assert_close(mirrored(x, t), plain(x, t))
+    calls = []
+
+    def counting(tag, fn):
+        def wrapped(x_t, t_):
+            calls.append(tag)
+            return fn(x_t, t_)
+        return wrapped
+
+    ddim_sample([counting("a", plain), counting("b", mirrored)], shape, steps=2, samples=3)
+    assert calls == ["a", "a", "b", "b", "a", "a"]
