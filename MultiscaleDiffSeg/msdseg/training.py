@@ -67,6 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     modes: tuple[TrainMode, ...] = DEFAULT_MODES
     depth_weights: tuple[float, ...] = (1.0, 0.6, 0.4, 0.3)
+    t_min: int = 150  # smallest training timestep: the presets' DDIM steps never go below 165
     init_model: str | None = None
 
 
@@ -190,7 +191,7 @@ class Trainer:
         weight = sample.weight[None].to(dev)
         cmask = sample.channel_mask[None].to(dev)
         imask = sample.internal_mask[None].to(dev)
-        x_t, t = noisy_labels(self.sched, target, self.torch_gen)
+        x_t, t = noisy_labels(self.sched, target, self.torch_gen, self.cfg.t_min)
         if self.cfg.channels_last:
             image, x_t = (x.contiguous(memory_format=torch.channels_last_3d) for x in (image, x_t))
         for g in self.opt.param_groups:

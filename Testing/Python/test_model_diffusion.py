@@ -193,3 +193,18 @@ def test_mirrored_view_answers_in_the_original_frame():
 
     ddim_sample([counting("a", plain), counting("b", mirrored)], shape, steps=2, samples=3)
     assert calls == ["a", "a", "b", "b", "a", "a"]
+
+
+def test_training_timesteps_cover_every_preset_step():
+    """Training skips the smallest timesteps; no preset may sample one of them."""
+    from msdseg.diffusion import make_train_scheduler, noisy_labels
+    from msdseg.inference import PRESETS
+    from msdseg.training import TrainConfig
+
+    t_min = TrainConfig(out_dir=".").t_min
+    for name, p in PRESETS.items():
+        if p["steps"] > 0:
+            assert int(make_sampling_scheduler(int(p["steps"])).timesteps.min()) >= t_min, name
+    gen = torch.Generator().manual_seed(0)
+    ts = [int(noisy_labels(make_train_scheduler(), torch.zeros(1, 2, 2, 2, 2), gen, t_min)[1]) for _ in range(300)]
+    assert min(ts) >= t_min and max(ts) > 900
