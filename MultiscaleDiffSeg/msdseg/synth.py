@@ -55,7 +55,7 @@ class SynthConfig:
     t1_prior_prob: float = 0.7
     intensity_jitter: float = 0.10
     std_max: float = 0.06
-    blur_max_mm: float = 1.5
+    blur_max_mm: float = 2.0  # Gaussian sigma; templates and averaged scans are this smooth
     thick_slice_prob: float = 0.3
     thick_slice_max_mm: float = 6.0
     bias_std: float = 0.3
