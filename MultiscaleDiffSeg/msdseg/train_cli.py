@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import InputError
 
+PRIOR_SOURCE_NAME = "samseg_priors/sampled"  # label maps drawn from the SAMSEG priors while training
+
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="manifest.json written by 'msdseg prepare-data'")
@@ -46,7 +48,7 @@ def load_sources(manifest_path: Path, only: list[str] | None = None):
     if priors and (base / priors).exists() and (not only or "samseg_priors" in only):
         from .synth_priors import PriorMapSampler
 
-        out.append(PriorMapSampler(base / priors))
+        out.append(PriorMapSampler(base / priors, name=PRIOR_SOURCE_NAME))
     if not out:
         raise InputError(f"{manifest_path}: no training maps")
     return out, doc
@@ -64,8 +66,10 @@ def run_training(args: argparse.Namespace) -> int:
         from .training import export_checkpoint
 
         doc = json.loads(Path(args.data).read_text()) if Path(args.data).exists() else {}
-        meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}),
-                         "maps": [f"{m['source']}/{m['name']}" for m in doc.get("maps", []) if m.get("role") == "train"]},
+        maps = [f"{m['source']}/{m['name']}" for m in doc.get("maps", []) if m.get("role") == "train"]
+        if doc.get("extras", {}).get("samseg", {}).get("priors"):
+            maps.append(PRIOR_SOURCE_NAME)
+        meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}), "maps": maps},
                 "label_tree": {"name": tree.name, "version": tree.version}}
         print(export_checkpoint(args.out, args.export, meta))
         return 0

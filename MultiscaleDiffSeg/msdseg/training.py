@@ -102,8 +102,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.init_lineage: dict | None = None
         if cfg.init_model:
-            self.model = load_model(cfg.init_model).model
+            loaded = load_model(cfg.init_model)
+            self.model = loaded.model
+            self.init_lineage = lineage_of(loaded.config)
         else:
             with torch.random.fork_rng(devices=[]):  # same seed, same initial weights
                 torch.manual_seed(cfg.seed)
@@ -150,6 +153,7 @@ class Trainer:
             "torch_rng": self.torch_gen.get_state().tolist(),
             "architecture": self.model.cfg.to_dict(),
             "train_config": _jsonable(asdict(self.cfg)),
+            "init_lineage": self.init_lineage,
         }
         tmp_json = self.ckpt_state.with_name("checkpoint.tmp.json")
         tmp_json.write_text(json.dumps(state))
@@ -172,6 +176,8 @@ class Trainer:
                     }
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        if state.get("init_lineage"):  # what the run started from, recorded when it started
+            self.init_lineage = state["init_lineage"]
         self.rng.bit_generator.state = state["rng"]
         self.torch_gen.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
@@ -299,6 +305,20 @@ def export_checkpoint(run_dir: str | Path, path: str | Path, metadata: dict | No
     model = MultiscaleDiffUNet(ModelConfig.from_dict(state["architecture"]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     meta = dict(metadata or {})
-    meta.update({"trained": True, "train_steps": state["step"],
-                 "train_cpu_seconds": round(float(state.get("elapsed_seconds", 0.0)), 1)})
+    steps, seconds = int(state["step"]), round(float(state.get("elapsed_seconds", 0.0)), 1)
+    meta.update({"trained": True, "train_steps": steps, "train_cpu_seconds": seconds})
+    init = state.get("init_lineage")
+    if init:
+        meta["init_model"] = init
+        meta["train_steps_total"] = steps + int(init.get("train_steps_total", 0))
+        meta["train_cpu_seconds_total"] = round(seconds + float(init.get("train_cpu_seconds_total", 0.0)), 1)
     return save_model(model, path, meta)
+
+
+def lineage_of(config: dict) -> dict:
+    """What a run started from: the init model's identity and its own cumulative training, so an
+    export can report total steps and CPU time even after the init file is replaced."""
+    steps = int(config.get("train_steps_total", config.get("train_steps", 0)))
+    seconds = float(config.get("train_cpu_seconds_total", config.get("train_cpu_seconds", 0.0)))
+    return {"name": config.get("name"), "sha256": config.get("sha256"), "train_steps": config.get("train_steps"),
+            "train_steps_total": steps, "train_cpu_seconds_total": round(seconds, 1)}

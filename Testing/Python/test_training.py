@@ -66,3 +66,21 @@ def test_log_of_an_older_layout_is_set_aside(tmp_path):
     assert (tmp_path / "train_log.1.csv").read_text() == "d0_leaf_dice,loss\n0.5,1.0\n"
     with open(tmp_path / "train_log.csv", newline="") as f:
         assert next(csv.reader(f)) == trainer.log_fields()
+
+
+def test_export_reports_the_whole_lineage(tmp_path):
+    """A run started from a model file records that model; its export adds up steps and CPU time."""
+    from msdseg.modelfile import load_model
+    from msdseg.training import export_checkpoint
+
+    first = _trainer(tmp_path / "a", 2)
+    first.run(handle_signals=False)
+    base = export_checkpoint(tmp_path / "a", tmp_path / "base.safetensors")
+    cfg = TrainConfig(out_dir=str(tmp_path / "b"), max_steps=3, lr=1e-2, warmup_steps=1, modes=MODES,
+                      depth_weights=(1.0, 0.5, 0.3), checkpoint_minutes=99, init_model=str(base))
+    Trainer(cfg, TREE, synthetic_sample_fn(_generator())).run(handle_signals=False)
+    (tmp_path / "base.safetensors").unlink()  # the init file may be replaced later: the run remembers it
+    meta = load_model(export_checkpoint(tmp_path / "b", tmp_path / "next.safetensors")).config
+    assert meta["train_steps"] == 3 and meta["train_steps_total"] == 5
+    assert meta["init_model"]["name"] == "base" and meta["init_model"]["train_steps_total"] == 2
+    assert meta["train_cpu_seconds_total"] >= meta["train_cpu_seconds"] > 0
