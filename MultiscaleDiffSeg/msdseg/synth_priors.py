@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from .synth import LabelSource
 
 _EPS = 1e-4
+#: Training-source name of the maps drawn here ("source/map", like the manifest's maps).
+SOURCE_NAME = "samseg_priors/sampled"
 
 
 @dataclass
@@ -71,7 +73,7 @@ class PriorMapSampler:
     :meth:`label_source` for the map to use now.
     """
 
-    def __init__(self, npz_path: str | Path, name: str = "samseg_priors/sampled", cfg: PriorSampleConfig | None = None):
+    def __init__(self, npz_path: str | Path, name: str = SOURCE_NAME, cfg: PriorSampleConfig | None = None):
         data = np.load(str(npz_path))
         self.priors = data["priors"]
         self.labels = data["labels"].astype(np.int32)

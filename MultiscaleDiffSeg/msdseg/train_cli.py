@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .errors import InputError
 
-PRIOR_SOURCE_NAME = "samseg_priors/sampled"  # label maps drawn from the SAMSEG priors while training
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -44,14 +43,21 @@ def load_sources(manifest_path: Path, only: list[str] | None = None):
         src = LabelSource.from_file(base / m["path"], set(m["defined"]))
         src.name = f"{m['source']}/{m['name']}"
         out.append(src)
-    priors = doc.get("extras", {}).get("samseg", {}).get("priors")
-    if priors and (base / priors).exists() and (not only or "samseg_priors" in only):
-        from .synth_priors import PriorMapSampler
+    priors = _priors_file(doc, base)
+    if priors is not None:
+        from .synth_priors import SOURCE_NAME, PriorMapSampler
 
-        out.append(PriorMapSampler(base / priors, name=PRIOR_SOURCE_NAME))
+        if not only or SOURCE_NAME.split("/")[0] in only:
+            out.append(PriorMapSampler(priors))
     if not out:
         raise InputError(f"{manifest_path}: no training maps")
     return out, doc
+
+
+def _priors_file(doc: dict, base: Path) -> Path | None:
+    """SAMSEG priors written by prepare-data, if the manifest names them and they exist."""
+    rel = doc.get("extras", {}).get("samseg", {}).get("priors")
+    return base / rel if rel and (base / rel).exists() else None
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -67,8 +73,10 @@ def run_training(args: argparse.Namespace) -> int:
 
         doc = json.loads(Path(args.data).read_text()) if Path(args.data).exists() else {}
         maps = [f"{m['source']}/{m['name']}" for m in doc.get("maps", []) if m.get("role") == "train"]
-        if doc.get("extras", {}).get("samseg", {}).get("priors"):
-            maps.append(PRIOR_SOURCE_NAME)
+        if _priors_file(doc, Path(args.data).parent) is not None:
+            from .synth_priors import SOURCE_NAME
+
+            maps.append(SOURCE_NAME)
         meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}), "maps": maps},
                 "label_tree": {"name": tree.name, "version": tree.version}}
         print(export_checkpoint(args.out, args.export, meta))
