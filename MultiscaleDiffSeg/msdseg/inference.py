@@ -173,9 +173,9 @@ def predict_on_grid(
 
     With ``mirror_permutation`` (the tree's left/right channel swap) every other sample sees the
     image mirrored along the grid's x (left-right) axis; its answers are mirrored back and their
-    left/right channels swapped before they join the ensemble.  Mirroring is free test-time
-    augmentation (the second sample costs the same either way); on the held-out T1 it raised
-    mean Dice more than a second unmirrored sample did (docs/model_card.md).
+    left/right channels swapped before they join the ensemble.  The test-time augmentation costs
+    one more image-encoder pass (the samples cost the same either way); on the held-out T1 it
+    raised mean Dice more than a second unmirrored sample did (docs/model_card.md).
     """
     device = torch.device(device)
     dtype = autocast_dtype(device, precision)
