@@ -24,7 +24,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 2x faster on this CPU)")
     p.add_argument("--init", default=None, help="start from this model file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="decay of the weight average that exports ship (0 = none)")
     p.add_argument("--export", default=None, help="write the run's weights as a model file and exit")
+    p.add_argument("--export-weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="which weights --export writes: the average (if the run has one) or the last step's")
     p.add_argument("--sources", nargs="*", default=None, help="only maps of these sources")
 
 
@@ -79,12 +83,13 @@ def run_training(args: argparse.Namespace) -> int:
             maps.append(SOURCE_NAME)
         meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}), "maps": maps},
                 "label_tree": {"name": tree.name, "version": tree.version}}
-        print(export_checkpoint(args.out, args.export, meta))
+        print(export_checkpoint(args.out, args.export, meta, weights=args.export_weights))
         return 0
     sources, doc = load_sources(Path(args.data), args.sources)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
-                      bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init)
+                      bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init,
+                      ema_decay=args.ema_decay)
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
                      "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree)), metadata=meta)

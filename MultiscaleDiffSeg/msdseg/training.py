@@ -8,6 +8,11 @@ patches at fine depths teach boundaries without the memory of a fine whole volum
 Checkpoints hold weights and optimiser state as safetensors plus a JSON of counters and RNG state,
 written atomically every few minutes and on SIGINT/SIGTERM, so an interrupted run resumes where
 it stopped.  A CSV log records every logged step.
+
+An exponential moving average (EMA) of the weights is kept beside the raw weights and is what
+:func:`export_checkpoint` ships: with batch size 1 and a high learning rate, single checkpoints a
+hundred steps apart differ by several Dice points on real scans, and the average over the last
+~1/(1-decay) steps removes most of that noise at no training cost.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ class TrainConfig:
     depth_weights: tuple[float, ...] = (1.0, 0.6, 0.4, 0.3)
     t_min: int = 150  # smallest training timestep: the presets' DDIM steps never go below 165
     init_model: str | None = None
+    ema_decay: float = 0.999  # 0 disables the weight average
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -115,6 +121,7 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = make_ema(self.model, cfg.ema_decay)
         self.loss = HierarchicalLoss(tree, depth_weights=list(cfg.depth_weights))
         self.sched = make_train_scheduler()
         self.step = 0
@@ -144,6 +151,8 @@ class Trainer:
                         tensors[f"opt.{i}.{j}.{key}"] = st[key].detach().cpu().contiguous()
                 if "step" in st:
                     tensors[f"opt.{i}.{j}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
         tmp = self.ckpt_weights.with_name("checkpoint.tmp.safetensors")
         save_file(tensors, str(tmp))
         state = {
@@ -174,6 +183,11 @@ class Trainer:
                         "exp_avg_sq": tensors[f"opt.{i}.{j}.exp_avg_sq"].to(self.device),
                         "step": tensors[f"opt.{i}.{j}.step"].reshape(()),
                     }
+        if self.ema is not None:
+            ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+            if ema_state:
+                self.ema.load_state_dict(ema_state)
+            # a checkpoint without an average (older runs): the first update copies the weights
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
         if state.get("init_lineage"):  # what the run started from, recorded when it started
@@ -210,6 +224,8 @@ class Trainer:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         parts.update({"entry_mm": mode.spacing_mm, "crop": 0 if mode.crop is None else mode.crop[0],
                       "t": int(t[0]), "grad_norm": float(gnorm), "lr": lr_at(self.step - 1, self.cfg)})
@@ -282,6 +298,15 @@ class Trainer:
         return self.step
 
 
+def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """PyTorch's EMA wrapper (``AveragedModel`` with ``get_ema_multi_avg_fn``); buffers averaged too."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def synthetic_sample_fn(generator: SyntheticGenerator) -> SampleFn:
     def fn(rng: np.random.Generator, mode: TrainMode) -> TrainingSample:
         return generator.sample(rng, mode.spacing_mm, mode.crop)
@@ -297,16 +322,30 @@ def _jsonable(obj):
     return obj
 
 
-def export_checkpoint(run_dir: str | Path, path: str | Path, metadata: dict | None = None) -> Path:
-    """Turn a run's checkpoint into a model file without rebuilding the data pipeline."""
+def export_checkpoint(
+    run_dir: str | Path, path: str | Path, metadata: dict | None = None, weights: str = "auto",
+) -> Path:
+    """Turn a run's checkpoint into a model file without rebuilding the data pipeline.
+
+    ``weights``: ``"ema"`` (the moving average), ``"raw"`` (the last step's weights) or ``"auto"``
+    (the average when the checkpoint has one).  The model JSON records which was written."""
     run = Path(run_dir)
     state = json.loads((run / "checkpoint.json").read_text())
     tensors = load_file(str(run / "checkpoint.safetensors"))
     model = MultiscaleDiffUNet(ModelConfig.from_dict(state["architecture"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema = {k[len("ema.module."):]: v for k, v in tensors.items() if k.startswith("ema.module.")}
+    if weights == "ema" and not ema:
+        raise ValueError(f"{run}: the checkpoint holds no weight average")
+    use_ema = bool(ema) and weights in ("ema", "auto")
+    model.load_state_dict(ema if use_ema else {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     meta = dict(metadata or {})
     steps, seconds = int(state["step"]), round(float(state.get("elapsed_seconds", 0.0)), 1)
     meta.update({"trained": True, "train_steps": steps, "train_cpu_seconds": seconds})
+    if use_ema:
+        decay = state.get("train_config", {}).get("ema_decay")
+        meta["weights"] = f"exponential moving average of the training weights (decay {decay})"
+    else:
+        meta["weights"] = "training weights of the last step"
     init = state.get("init_lineage")
     if init:
         meta["init_model"] = init

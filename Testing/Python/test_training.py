@@ -44,6 +44,8 @@ def test_interrupted_run_resumes_exactly_and_logs_aligned_columns(tmp_path):
 
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(straight.ema.state_dict().items(), second.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"average {name}")
     with open(tmp_path / "resumed" / "train_log.csv", newline="") as f:
         rows = list(csv.reader(f))
     header = rows[0]
@@ -84,3 +86,51 @@ def test_export_reports_the_whole_lineage(tmp_path):
     assert meta["train_steps"] == 3 and meta["train_steps_total"] == 5
     assert meta["init_model"]["name"] == "base" and meta["init_model"]["train_steps_total"] == 2
     assert meta["train_cpu_seconds_total"] >= meta["train_cpu_seconds"] > 0
+
+
+def test_weight_average_follows_its_recurrence_and_is_what_export_ships(tmp_path):
+    """After each step the average is decay * previous + (1 - decay) * new weights (the first step
+    copies); export writes it by default and says so, and ``raw`` still gives the last weights."""
+    from msdseg.modelfile import load_model
+    from msdseg.training import export_checkpoint
+
+    decay = 0.5
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=3, lr=1e-2, warmup_steps=1, log_every=1,
+                      modes=MODES, depth_weights=(1.0, 0.5, 0.3), checkpoint_minutes=99, ema_decay=decay)
+    trainer = Trainer(cfg, TREE, synthetic_sample_fn(_generator()), model_cfg=MODEL)
+    expected = None
+    for _ in range(3):
+        trainer.train_step()
+        weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        expected = weights if expected is None else {
+            k: decay * expected[k] + (1 - decay) * weights[k] if weights[k].is_floating_point() else weights[k]
+            for k in weights}
+    averaged = {k[len("module."):]: v for k, v in trainer.ema.state_dict().items() if k.startswith("module.")}
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, msg=name)
+    trainer.save_checkpoint()
+
+    shipped = load_model(export_checkpoint(tmp_path / "run", tmp_path / "avg.safetensors"))
+    assert "moving average" in shipped.config["weights"]
+    for name, value in shipped.model.state_dict().items():
+        torch.testing.assert_close(value, averaged[name], msg=name)
+    raw = load_model(export_checkpoint(tmp_path / "run", tmp_path / "raw.safetensors", weights="raw"))
+    assert raw.config["weights"] == "training weights of the last step"
+    for name, value in raw.model.state_dict().items():
+        torch.testing.assert_close(value, trainer.model.state_dict()[name], msg=name)
+    assert any(not torch.equal(averaged[k], trainer.model.state_dict()[k]) for k in averaged)
+
+
+def test_run_without_an_average_exports_its_weights_and_refuses_ema(tmp_path):
+    import pytest
+
+    from msdseg.training import export_checkpoint
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=1, lr=1e-2, warmup_steps=1, modes=MODES,
+                      depth_weights=(1.0, 0.5, 0.3), checkpoint_minutes=99, ema_decay=0.0)
+    trainer = Trainer(cfg, TREE, synthetic_sample_fn(_generator()), model_cfg=MODEL)
+    assert trainer.ema is None
+    trainer.run(handle_signals=False)
+    export_checkpoint(tmp_path / "run", tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="no weight average"):
+        export_checkpoint(tmp_path / "run", tmp_path / "e.safetensors", weights="ema")
