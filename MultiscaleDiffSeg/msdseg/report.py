@@ -248,7 +248,7 @@ def build_report_html(sidecars: Sequence[Mapping[str, Any]], qc: Mapping[str, QC
         parts.append(_img_tag(distribution_png([p.replace("_", " ") for p in pairs], asym, flags,
                                                "2(L-R)/(L+R)", "Left/right asymmetry", hlines=(0.0,)), "asymmetry"))
         unc = [[(d.get("uncertainty_by_structure") or {}).get(leaf) for d in ordered] for leaf in leaves]
-        unc_png = distribution_png([_short(x) for x in leaves], unc, flags, "mean normalised entropy",
+        unc_png = distribution_png([_short(x) for x in leaves], unc, flags, "mean uncertainty (P(label wrong))",
                                    "Mean uncertainty per structure")
         if unc_png:
             parts.append(_img_tag(unc_png, "uncertainty"))

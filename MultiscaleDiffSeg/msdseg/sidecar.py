@@ -20,7 +20,8 @@ The measures:
 * ``labelled_ml``: all labelled voxels (brain structures + ventricles + the aseg CSF label);
 * ``icv_ml``: an intracranial volume estimate, :func:`intracranial_volume_ml`;
 * asymmetry index ``2 (L - R) / (L + R)`` of every left/right pair (leaves and internal nodes);
-* mean normalised entropy (0 sure .. 1 uniform) inside each leaf and inside the whole labelled brain.
+* mean uncertainty (calibrated probability that the label is wrong) inside each leaf and inside the
+  whole labelled brain.
 """
 from __future__ import annotations
 

@@ -1,0 +1,86 @@
+"""Calibration: temperature scaling keeps every label, recovers a known over-confidence, is stored
+in the model JSON and is what the uncertainty map reports."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from msdseg.calibration import error_probability, fit_temperature, temper, temperature_for, write_calibration
+
+
+def test_temper_keeps_the_most_likely_label_and_softens_with_temperature():
+    probs = torch.softmax(torch.randn(5, 4, 3, 2) * 3, dim=0)
+    assert torch.equal(temper(probs, 1.0), probs)
+    soft = temper(probs, 2.0)
+    torch.testing.assert_close(soft.sum(0), torch.ones(4, 3, 2))
+    assert torch.equal(soft.argmax(0), probs.argmax(0))
+    assert bool((error_probability(soft) >= error_probability(probs) - 1e-6).all())
+    assert error_probability(probs).shape == (1, 4, 3, 2)
+
+
+def test_fit_recovers_a_known_overconfidence():
+    """Labels drawn from softmax(z / 2) while the model claims softmax(z): the fit finds T = 2."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, (40_000, 6))
+    true_p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+    target = np.array([rng.choice(6, p=p) for p in true_p])
+    claimed = z - np.log(np.exp(z).sum(1, keepdims=True))
+    assert fit_temperature(claimed, target) == pytest.approx(2.0, abs=0.1)
+    # weights: a part that is right about itself pulls the pooled value toward 1
+    calibrated = z / 2 - np.log(np.exp(z / 2).sum(1, keepdims=True))
+    pooled = fit_temperature(np.concatenate([claimed, calibrated * 2]), np.concatenate([target, target]),
+                             np.r_[np.full(len(z), 1.0), np.full(len(z), 1.0)])
+    assert 1.0 < pooled < 2.0
+
+
+def test_temperature_is_read_from_the_model_json(tmp_path):
+    from msdseg.modelfile import default_model_path
+
+    assert temperature_for({}, "balanced") == 1.0
+    shipped = default_model_path()
+    weights = tmp_path / "m.safetensors"
+    shutil.copy(shipped, weights)
+    shutil.copy(shipped.with_suffix(".json"), tmp_path / "m.json")
+    write_calibration(weights, {"presets": {"balanced": {"temperature": 3.0}}})
+    cfg = json.loads((tmp_path / "m.json").read_text())
+    assert temperature_for(cfg, "balanced") == 3.0 and temperature_for(cfg, "fast") == 1.0
+    assert cfg["sha256"] == json.loads(shipped.with_suffix(".json").read_text())["sha256"]
+
+
+def test_uncertainty_map_is_the_calibrated_error_probability(tmp_path, oblique_phantom):
+    """Same labels with any temperature; a hotter model says it is less sure everywhere."""
+    import SimpleITK as sitk
+
+    from msdseg.inference import SegmentSettings, segment_image
+    from msdseg.modelfile import default_model_path
+
+    shipped = default_model_path()
+    maps = {}
+    for t in (1.0, 3.0):
+        weights = tmp_path / f"t{t:g}.safetensors"
+        shutil.copy(shipped, weights)
+        shutil.copy(shipped.with_suffix(".json"), weights.with_suffix(".json"))
+        write_calibration(weights, {"presets": {"fast": {"temperature": t}}})
+        res = segment_image(oblique_phantom, SegmentSettings(preset="fast", model=str(weights), uncertainty=True,
+                                                          check_brain=False))
+        assert res.info["calibration_temperature"] == t
+        maps[t] = (sitk.GetArrayFromImage(res.labels), sitk.GetArrayFromImage(res.uncertainty))
+    assert np.array_equal(maps[1.0][0], maps[3.0][0])
+    inside = maps[1.0][1] > 0  # voxels the model grid covers
+    assert inside.any() and maps[3.0][1][inside].mean() > maps[1.0][1][inside].mean()
+    assert bool((maps[3.0][1] >= maps[1.0][1] - 1e-5).all())
+    assert 0.0 <= maps[1.0][1].min() and maps[3.0][1].max() < 1.0
+
+
+def test_calibration_refuses_sources_without_a_complete_map():
+    """Voxels of a partial map have no true label, so such maps cannot calibrate; say so."""
+    from msdseg.calibration import collect_cases
+    from msdseg.errors import InputError
+    from msdseg.model import MultiscaleDiffUNet
+    from test_training import MODEL, _generator
+
+    params = {"spacing_mm": 4.0, "steps": 1, "samples": 1, "mirror": False}
+    with pytest.raises(InputError, match="complete label maps"):
+        collect_cases(MultiscaleDiffUNet(MODEL), _generator(), 1, params, seed=0, mirror_permutation=None)
