@@ -255,6 +255,14 @@ def test_compression_lut_and_class_outputs():
     assert samseg_priors.class_outputs(lut, table) == {0: 0, 1: labelmap.NEAREST_WM, 2: 1165, 3: 2}
 
 
+def test_samseg_csf_is_extracerebral_not_the_aseg_csf_leaf():
+    """SAMSEG's class 24 covers ~400 mL around the brain; the aseg ``csf`` leaf is a few mL, so the
+    SAMSEG class is painted as extracerebral CSF and never supervises the leaf."""
+    table = samseg_priors.samseg_table([0, 2, 24, 165], TREE)
+    assert table[24] == labelmap.GEN_ONLY_OFFSET + 257 and table[2] == 2 and table[165] == 1165
+    assert labelmap.freesurfer_table([24], TREE)[24] == 24  # other sources keep the leaf
+
+
 def test_shared_class_with_different_outputs_is_refused():
     lut = {0: [(0, "Unknown")], 1: [(10, "Left-Thalamus"), (49, "Right-Thalamus")]}
     table = labelmap.freesurfer_table([0, 10, 49], TREE)

@@ -6,7 +6,8 @@ The atlas is a tetrahedral mesh whose nodes carry class probabilities ("alphas")
 
 1. map the 44 compressed classes to our output values through ``compressionLookupTable.txt`` and
    :func:`labelmap.freesurfer_table` (one FreeSurfer label per class in this atlas; a class shared
-   by labels with different outputs is refused rather than guessed);
+   by labels with different outputs is refused rather than guessed), except that SAMSEG's CSF is
+   extracerebral CSF, not the aseg ``csf`` leaf (:func:`samseg_table`);
 2. give WM-hypointensity mass (no side) to the white matter of the nearest hemisphere, with sides
    taken from the argmax of the raw classes;
 3. sum the class priors of each output value, normalise so each voxel sums to 1 (outside the mesh
@@ -85,12 +86,28 @@ def affine_2mm(affine_1mm: np.ndarray) -> np.ndarray:
     return affine_1mm @ scale
 
 
+#: SAMSEG's "CSF" class (FreeSurfer number 24) is all CSF outside the ventricles, about 400 mL
+#: between brain and skull.  FreeSurfer's aseg gives 24 to a few mL near the basal cisterns and
+#: leaves the rest unlabelled, and that is what the ``csf`` leaf means everywhere else (training
+#: maps and the held-out aseg alike).  Taken at face value the SAMSEG maps would teach that the
+#: layer outside the cortex is brain; instead it becomes extracerebral CSF, painted but not a leaf.
+SAMSEG_CSF, EXTRACEREBRAL_CSF = 24, 257
+
+
+def samseg_table(values, tree) -> dict[int, int]:
+    """:func:`labelmap.freesurfer_table` with SAMSEG's CSF read as extracerebral CSF (see above)."""
+    table = freesurfer_table(values, tree)
+    if SAMSEG_CSF in table:
+        table[SAMSEG_CSF] = freesurfer_table([EXTRACEREBRAL_CSF], tree)[EXTRACEREBRAL_CSF]
+    return table
+
+
 def build_samseg(ctx: Context, wheel: WheelReader, cache_dir: Path) -> tuple[list[MapEntry], dict]:
     pin = PINS["samseg"]
     lic = copy_licences(ctx, "samseg", wheel, [wheel.dist_info("METADATA"), ATLAS_DIR + "README"])
     template = wheel.image(ATLAS_DIR + "template.nii.gz")
     lut = read_compression_lut(wheel.text(ATLAS_DIR + "compressionLookupTable.txt"))
-    table = freesurfer_table([fs for members in lut.values() for fs, _ in members], ctx.tree)
+    table = samseg_table([fs for members in lut.values() for fs, _ in members], ctx.tree)
     outputs = class_outputs(lut, table)
     class_fs = np.array([lut[c][0][0] for c in range(len(lut))], np.int32)
     if sorted(lut) != list(range(len(lut))):
