@@ -115,6 +115,7 @@ def collect_real_cases(
     from .inference import predict_on_grid
     from .io import load_volume, read_image
     from .labels import load_tree
+    from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
 
     tree = load_tree()
     lut = np.zeros(65536, dtype=np.int64)  # labels outside the tree count as background
@@ -133,8 +134,9 @@ def collect_real_cases(
         )
         probs = res.mean.numpy()
         ref_img = resample_to_grid(read_image(case["labels"]), grid, interpolator=sitk.sitkNearestNeighbor)
-        ref = lut[to_ras_array(ref_img).astype(np.int64).clip(0, 65535)]
-        region = _evaluated_voxels(probs.argmax(0), ref, np.ones_like(ref), spacing)
+        raw = to_ras_array(ref_img).astype(np.int64).clip(0, 65535)
+        ref = lut[raw]  # head tissue (>= 1000) is background
+        region = _evaluated_voxels(probs.argmax(0), ref, raw != IGNORE, spacing)
         lp, tg = _subsample(probs, ref, region, rng)
         logs.append(lp)
         targets.append(tg)
