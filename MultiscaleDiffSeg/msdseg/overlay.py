@@ -176,6 +176,15 @@ def _arrays(image: sitk.Image | None, volumes: Sequence[sitk.Image | None], near
     return img, out, spacing, sitk.GetArrayViewFromImage(ref_ras).shape
 
 
+def _heading(title: str, convention: str, width: int) -> str:
+    """The figure heading: ``title`` wrapped to ``width`` characters (a long model path would
+    otherwise run off both edges of the figure), then the display convention."""
+    import textwrap
+
+    note = _convention_note(convention)
+    return "\n".join(textwrap.wrap(title, width) + [note]) if title else note
+
+
 def save_overlay_png(
     image: sitk.Image,
     labels: sitk.Image,
@@ -199,8 +208,7 @@ def save_overlay_png(
     lut = label_lut(tree, alpha)
     rows = 2 if unc_s is not None else 1
     fig = Figure(figsize=(3 * PANEL_INCHES, rows * PANEL_INCHES + 0.8), facecolor="black")
-    fig.suptitle(f"{title}\n{_convention_note(convention)}" if title else _convention_note(convention),
-                 color="white", fontsize=12)
+    fig.suptitle(_heading(title, convention, width=70), color="white", fontsize=12)
     axes = fig.subplots(rows, 3, squeeze=False)
     for col, view in enumerate(VIEWS):
         ax = axes[0][col]
@@ -250,8 +258,7 @@ def save_comparison_png(
     r_s = extract_slices(r, centre, spacing, convention)
     lut = label_lut(tree, alpha=1.0)
     fig = Figure(figsize=(2 * PANEL_INCHES, 3 * PANEL_INCHES + 0.8), facecolor="black")
-    fig.suptitle(f"{title}\n{_convention_note(convention)}" if title else _convention_note(convention),
-                 color="white", fontsize=11)
+    fig.suptitle(_heading(title, convention, width=60), color="white", fontsize=11)
     axes = fig.subplots(3, 2, squeeze=False)
     for row, view in enumerate(VIEWS):
         for col, (name, sl) in enumerate((("prediction", p_s), ("reference", r_s))):

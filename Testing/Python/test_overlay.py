@@ -129,3 +129,13 @@ def test_save_comparison_png(tmp_path: Path) -> None:
     _check_png(tmp_path / "c.png", 2 * PANEL_INCHES, 3 * PANEL_INCHES + 0.8)
     save_comparison_png(lab, lab, tmp_path / "c2.png", TREE)  # no image: still drawn
     _check_png(tmp_path / "c2.png", 2 * PANEL_INCHES, 3 * PANEL_INCHES + 0.8)
+
+
+def test_long_titles_are_wrapped_above_the_convention_note() -> None:
+    from msdseg.overlay import _heading
+
+    title = "/a/very/long/path/to/some/model/file/msdseg_brain.safetensors - fsaverage - ensemble (balanced)"
+    lines = _heading(title, "radiological", width=40).split("\n")
+    assert len(lines) >= 3 and all(len(line) <= 40 for line in lines[:-1])
+    assert "radiological" in lines[-1]
+    assert _heading("", "radiological", width=40) == lines[-1]
