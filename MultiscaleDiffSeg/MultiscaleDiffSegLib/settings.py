@@ -40,7 +40,7 @@ class Device(enum.Enum):
 PRESET_LABELS = {
     "fast": "fast (2 mm, 2 steps, 1 sample)",
     "balanced": "balanced (2 mm, 4 steps, 2 samples)",
-    "accurate": "accurate (1 mm, 6 steps, 4 samples)",
+    "accurate": "accurate (2 mm, 4 steps, 4 samples)",
 }
 DEVICE_LABELS = {
     "auto": "auto (CUDA GPU > Apple MPS > CPU)",
@@ -233,16 +233,17 @@ def resolve_device(requested: str, probe: Mapping[str, Any] | None) -> DeviceCho
 #: Rough wall-clock seconds for a 1 mm whole-head T1 (about 200 x 230 x 190 voxels), including
 #: the worker's start-up (Python, torch, model: about 15-20 s on a laptop CPU).  CPU "fast" (27 s)
 #: and "balanced" (54 s) were measured with ``msdseg segment`` on the MNI152 1 mm T1 on the 2-core
-#: development machine; "accurate" is extrapolated (24 passes on an 8x larger 1 mm grid).  The GPU
+#: development machine; "accurate" (2 mm entry, 4 steps x 4 samples) took 1.55x as long as
+#: "balanced" in one run of both (39.3 s vs 25.4 s, ``msdseg segment`` on the same T1).  The GPU
 #: rows are assumptions, not measurements: they only let the UI say "seconds" versus "minutes".
 TIME_TABLE_SECONDS: dict[str, dict[str, float]] = {
-    "cpu": {"fast": 30.0, "balanced": 55.0, "accurate": 900.0},
-    "mps": {"fast": 20.0, "balanced": 35.0, "accurate": 240.0},
-    "cuda": {"fast": 15.0, "balanced": 20.0, "accurate": 60.0},
+    "cpu": {"fast": 30.0, "balanced": 55.0, "accurate": 85.0},
+    "mps": {"fast": 20.0, "balanced": 35.0, "accurate": 50.0},
+    "cuda": {"fast": 15.0, "balanced": 20.0, "accurate": 25.0},
 }
 #: Network passes of each preset (steps x samples), to scale the table for custom steps/samples.
-PRESET_PASSES = {"fast": 2, "balanced": 8, "accurate": 24}
-PRESET_STEPS = {"fast": 2, "balanced": 4, "accurate": 6}
+PRESET_PASSES = {"fast": 2, "balanced": 8, "accurate": 16}
+PRESET_STEPS = {"fast": 2, "balanced": 4, "accurate": 4}
 PRESET_SAMPLES = {"fast": 1, "balanced": 2, "accurate": 4}
 STARTUP_SECONDS = 18.0
 REFERENCE_VOXELS = 200 * 230 * 190

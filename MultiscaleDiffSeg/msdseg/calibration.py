@@ -16,8 +16,8 @@ data that are not held out, each given half the weight:
   images, but it did train on their label shapes, so alone they ask for too low a temperature.
 
 No held-out reference enters the fit.  Each preset gets its own value because more samples and
-mirrored views already soften the average; a preset that was not fitted (by default ``accurate``,
-whose 1 mm whole volumes are slow on a CPU) borrows the balanced value and the JSON says so.  The result is
+mirrored views already soften the average; a preset that was not fitted (``--presets`` names
+the ones to fit, by default all) borrows the balanced value and the JSON says so.  The result is
 stored in the model JSON under ``calibration`` and applied by :func:`msdseg.inference.segment_image`;
 a model without it gets temperature 1.
 
@@ -260,14 +260,14 @@ def write_calibration(model_path: Path, block: Mapping[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .errors import InputError
     from .modelfile import default_model_path
+    from .inference import PRESETS
 
     p = argparse.ArgumentParser(prog="python -m msdseg.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="manifest.json of prepare-data (training sources)")
     p.add_argument("--model", default=None, help="model file (default: the shipped model)")
-    p.add_argument("--presets", nargs="+", default=["fast", "balanced"],
-                   help="presets to fit; the others borrow balanced's value (accurate's 1 mm whole "
-                        "volumes take many minutes each on a CPU)")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS),
+                   help="presets to fit; the others borrow balanced's value")
     p.add_argument("--cases", type=int, default=8, help="synthetic cases per preset")
     p.add_argument("--seed", type=int, default=20261122, help="seed of the synthetic cases (not a training seed)")
     p.add_argument("--write", action="store_true", help="store the result in the model's JSON")

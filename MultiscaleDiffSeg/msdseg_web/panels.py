@@ -28,7 +28,7 @@ from .widgets import DownloadButton, UploadField
 PRESETS = [
     {"title": "fast (2 mm, 2 steps)", "value": "fast"},
     {"title": "balanced (2 mm, 4 steps, 2 samples)", "value": "balanced"},
-    {"title": "accurate (1 mm, 6 steps, 4 samples)", "value": "accurate"},
+    {"title": "accurate (2 mm, 4 steps, 4 samples)", "value": "accurate"},
 ]
 
 
