@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from msdseg.presets import PRESETS, preset_label
+
 
 class Preset(enum.Enum):
     """Speed/accuracy trade-off; the values are the core CLI's ``--preset`` names."""
@@ -37,11 +39,7 @@ class Device(enum.Enum):
         return DEVICE_LABELS[self.value]
 
 
-PRESET_LABELS = {
-    "fast": "fast (2 mm, 2 steps, 1 sample)",
-    "balanced": "balanced (2 mm, 4 steps, 2 samples)",
-    "accurate": "accurate (2 mm, 4 steps, 4 samples)",
-}
+PRESET_LABELS = {name: preset_label(name) for name in PRESETS}
 DEVICE_LABELS = {
     "auto": "auto (CUDA GPU > Apple MPS > CPU)",
     "cpu": "CPU",
@@ -242,9 +240,9 @@ TIME_TABLE_SECONDS: dict[str, dict[str, float]] = {
     "cuda": {"fast": 15.0, "balanced": 20.0, "accurate": 25.0},
 }
 #: Network passes of each preset (steps x samples), to scale the table for custom steps/samples.
-PRESET_PASSES = {"fast": 2, "balanced": 8, "accurate": 16}
-PRESET_STEPS = {"fast": 2, "balanced": 4, "accurate": 4}
-PRESET_SAMPLES = {"fast": 1, "balanced": 2, "accurate": 4}
+PRESET_STEPS = {name: int(p["steps"]) for name, p in PRESETS.items()}
+PRESET_SAMPLES = {name: int(p["samples"]) for name, p in PRESETS.items()}
+PRESET_PASSES = {name: max(1, PRESET_STEPS[name]) * PRESET_SAMPLES[name] for name in PRESETS}
 STARTUP_SECONDS = 18.0
 REFERENCE_VOXELS = 200 * 230 * 190
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import Cancelled, InputError
+from .presets import PRESETS
 
 
 def _progress_printer(mode: str, prefix: str = "") -> Callable[[float, str], None]:
@@ -42,7 +43,7 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders, globs, or .txt/.csv lists of paths")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--preset", default="balanced", choices=["fast", "balanced", "accurate"])
+    p.add_argument("--preset", default="balanced", choices=list(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (0 = one deterministic pass)")
     p.add_argument("--samples", type=int, default=None, help="diffusion samples in the ensemble")
     p.add_argument("--no-mirror", dest="mirror", action="store_const", const=False, default=None,
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment the embedded sample T1 and write an overlay PNG")
     p.add_argument("-o", "--output", default="msdseg_demo")
-    p.add_argument("--preset", default="fast", choices=["fast", "balanced", "accurate"])
+    p.add_argument("--preset", default="fast", choices=list(PRESETS))
     p.add_argument("--device", default="auto")
     p.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
     p.set_defaults(func=cmd_demo)

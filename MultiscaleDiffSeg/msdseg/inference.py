@@ -25,20 +25,11 @@ from .geometry import ModelGrid, head_grid, image_on_grid
 from .io import squeeze_to_3d, validate_image
 from .labels import LabelTree, load_tree
 from .modelfile import LoadedModel, load_model
+from .presets import PRESETS
 from .volumes import structure_volumes
 
 log = logging.getLogger("msdseg")
 
-#: entry spacing (mm), DDIM steps, samples.  ``steps=0`` means one deterministic pass.
-#: ``accurate`` enters at 2 mm like the others: with the shipped model the 1 mm entry scored
-#: 0.41 mean Dice on the held-out T1 against 0.79 at 2 mm (one deterministic pass each; its head
-#: has seen only 64-voxel patches), and 8 DDIM steps were no better than 4.  Move it to 1 mm once
-#: a model's 1 mm head beats its 2 mm one (``SegmentSettings(spacing_mm=1.0)`` tries it).
-PRESETS: dict[str, dict[str, float | int]] = {
-    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1, "mirror": False},
-    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2, "mirror": True},
-    "accurate": {"spacing_mm": 2.0, "steps": 4, "samples": 4, "mirror": True},
-}
 #: Above this many voxels at the entry depth on a CPU, denoise in overlapping windows.
 WINDOW_THRESHOLD_VOXELS = 3_000_000
 WINDOW_ROI = (96, 96, 96)

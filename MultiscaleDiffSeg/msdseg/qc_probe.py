@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         scans = good_scans(args.data, Path(tmp))
-        for name, path in scans.items():
-            rows[name] = probe_image(load_volume(path), args.model, args.preset)
+        images = {name: load_volume(path) for name, path in scans.items()}
+        for name, image in images.items():
+            rows[name] = probe_image(image, args.model, args.preset)
             _print_row(name, rows[name])
-        reference = load_volume(scans["fsaverage"]) if "fsaverage" in scans else load_volume(next(iter(scans.values())))
+        # degrade the held-out scan (any scan when a manifest has none)
+        reference = images.get("fsaverage", next(iter(images.values())))
         for name, make in VARIANTS.items():
             rows[name] = probe_image(make(reference), args.model, args.preset)
             _print_row(name, rows[name])

@@ -22,14 +22,11 @@ from trame.widgets.vuetify3 import (
 )
 
 from msdseg.labels import LabelTree
+from msdseg.presets import PRESETS as PRESET_TABLE, preset_label
 
 from .widgets import DownloadButton, UploadField
 
-PRESETS = [
-    {"title": "fast (2 mm, 2 steps)", "value": "fast"},
-    {"title": "balanced (2 mm, 4 steps, 2 samples)", "value": "balanced"},
-    {"title": "accurate (2 mm, 4 steps, 4 samples)", "value": "accurate"},
-]
+PRESETS = [{"title": preset_label(name), "value": name} for name in PRESET_TABLE]
 
 
 def group_state_key(group_id: str) -> str:
