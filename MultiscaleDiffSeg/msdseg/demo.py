@@ -38,7 +38,7 @@ def run_demo(outdir: Path, preset: str = "fast", device: str = "auto", progress_
     title = f"msdseg {preset} preset, {result.info['device']}, {result.info['seconds']:.0f} s"
     if not result.info.get("trained", True):
         title = "UNTRAINED MODEL (random weights: labels are meaningless) - " + title
-        print("WARNING: no trained model is shipped yet; this demo runs an UNTRAINED network.", file=sys.stderr)
+        print("WARNING: no trained model was found; this demo runs an UNTRAINED network.", file=sys.stderr)
     png = outdir / "mni152_t1_overlay.png"
     save_overlay_png(image, result.labels, png, result.tree, uncertainty=result.uncertainty, title=title)
     brain = result.volumes.get(result.tree.root.id, 0.0)

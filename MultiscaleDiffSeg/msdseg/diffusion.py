@@ -57,12 +57,24 @@ def to_signed(onehot: torch.Tensor) -> torch.Tensor:
 
 def noisy_labels(
     scheduler: DDPMScheduler, onehot: torch.Tensor, generator: torch.Generator | None = None, t_min: int = 0,
+    top_prob: float = 0.0, top_min: int = 900,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training input: x_t for a timestep drawn uniformly from [t_min, T) per batch item; returns
     (x_t, t).  Sampling with at most six DDIM steps never queries t below 165, where x_t still
-    shows the labels almost unchanged, so training there mostly teaches copying."""
+    shows the labels almost unchanged, so training there mostly teaches copying.
+
+    With ``top_prob`` > 0 that share of the items draws t from [top_min, T) instead: there x_t
+    holds almost no label signal, so the network must read the image.  Every sampler's first
+    step (and the deterministic pass) runs at t = T - 1, and at 1 mm, where a structure covers
+    many voxels, the noisy labels of mid-range t are easy to denoise on their own: a head trained
+    on uniform t learnt to copy x_t and segmented poorly from the image alone (model card).
+    """
     b = onehot.shape[0]
     t = torch.randint(int(t_min), scheduler.num_train_timesteps, (b,), generator=generator)
+    if top_prob > 0.0:
+        top = torch.rand((b,), generator=generator) < top_prob
+        t_top = torch.randint(int(top_min), scheduler.num_train_timesteps, (b,), generator=generator)
+        t = torch.where(top, t_top, t)
     noise = torch.randn(onehot.shape, generator=generator, dtype=onehot.dtype)
     x_t = scheduler.add_noise(to_signed(onehot), noise.to(onehot.device), t.to(onehot.device))
     return x_t, t.to(onehot.device)

@@ -30,6 +30,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-weights", choices=("auto", "ema", "raw"), default="auto",
                    help="which weights --export writes: the average (if the run has one) or the last step's")
     p.add_argument("--sources", nargs="*", default=None, help="only maps of these sources")
+    p.add_argument("--modes", nargs="+", default=None, metavar="SPACING:CROP:WEIGHT",
+                   help="step kinds and their shares, CROP 0 = whole field of view "
+                        "(default 4:0:0.35 2:64:0.45 1:64:0.2)")
+    p.add_argument("--t-top-prob", type=float, default=0.0,
+                   help="share of steps whose timestep is drawn from [--t-top-min, 1000), where the "
+                        "noisy labels carry almost nothing and the network must read the image")
+    p.add_argument("--t-top-min", type=int, default=900)
 
 
 def load_sources(manifest_path: Path, only: list[str] | None = None):
@@ -69,7 +76,7 @@ def run_training(args: argparse.Namespace) -> int:
 
     from .labels import load_tree
     from .synth import SyntheticGenerator
-    from .training import TrainConfig, Trainer, synthetic_sample_fn
+    from .training import TrainConfig, Trainer, TrainMode, synthetic_sample_fn
 
     tree = load_tree()
     if args.export:
@@ -89,7 +96,12 @@ def run_training(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
                       bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init,
-                      ema_decay=args.ema_decay)
+                      ema_decay=args.ema_decay, t_top_prob=args.t_top_prob, t_top_min=args.t_top_min)
+    if args.modes:
+        try:
+            cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
                      "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree)), metadata=meta)

@@ -46,6 +46,20 @@ class TrainMode:
     crop: tuple[int, int, int] | None
     weight: float
 
+    @classmethod
+    def parse(cls, text: str) -> "TrainMode":
+        """``SPACING:CROP:WEIGHT`` as on the command line, CROP 0 = whole field of view
+        (``2:64:0.45`` = 64³ patches at 2 mm in 45 % of the steps)."""
+        try:
+            spacing, crop, weight = text.split(":")
+            size = int(crop)
+            mode = cls(float(spacing), (size,) * 3 if size else None, float(weight))
+        except ValueError:
+            raise ValueError(f"training mode {text!r}: expected SPACING:CROP:WEIGHT, e.g. 2:64:0.45") from None
+        if mode.spacing_mm <= 0 or mode.weight <= 0 or size < 0:
+            raise ValueError(f"training mode {text!r}: spacing and weight must be positive, crop >= 0")
+        return mode
+
 
 DEFAULT_MODES = (
     TrainMode(4.0, None, 0.35),
@@ -73,6 +87,8 @@ class TrainConfig:
     modes: tuple[TrainMode, ...] = DEFAULT_MODES
     depth_weights: tuple[float, ...] = (1.0, 0.6, 0.4, 0.3)
     t_min: int = 150  # smallest training timestep: the presets' DDIM steps never go below 165
+    t_top_prob: float = 0.0  # share of steps with t drawn from [t_top_min, T): image-only reading
+    t_top_min: int = 900
     init_model: str | None = None
     ema_decay: float = 0.999  # 0 disables the weight average
 
@@ -211,7 +227,7 @@ class Trainer:
         weight = sample.weight[None].to(dev)
         cmask = sample.channel_mask[None].to(dev)
         imask = sample.internal_mask[None].to(dev)
-        x_t, t = noisy_labels(self.sched, target, self.torch_gen, self.cfg.t_min)
+        x_t, t = noisy_labels(self.sched, target, self.torch_gen, self.cfg.t_min, self.cfg.t_top_prob, self.cfg.t_top_min)
         if self.cfg.channels_last:
             image, x_t = (x.contiguous(memory_format=torch.channels_last_3d) for x in (image, x_t))
         for g in self.opt.param_groups:

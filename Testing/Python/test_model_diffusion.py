@@ -208,3 +208,24 @@ def test_training_timesteps_cover_every_preset_step():
     gen = torch.Generator().manual_seed(0)
     ts = [int(noisy_labels(make_train_scheduler(), torch.zeros(1, 2, 2, 2, 2), gen, t_min)[1]) for _ in range(300)]
     assert min(ts) >= t_min and max(ts) > 900
+
+
+def test_top_timestep_share_draws_signal_free_noise_levels():
+    """``top_prob`` of the items come from [top_min, T); the rest stay uniform over [t_min, T)."""
+    from msdseg.diffusion import make_train_scheduler, noisy_labels
+
+    sched = make_train_scheduler()
+    onehot = torch.zeros(4000, 2, 1, 1, 1)
+    onehot[:, 0] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    t_plain = noisy_labels(sched, onehot, gen, 150)[1]
+    t_top = noisy_labels(sched, onehot, gen, 150, top_prob=0.5, top_min=950)[1]
+    share_plain = float((t_plain >= 950).float().mean())  # 50 / 850 of a uniform draw
+    share_top = float((t_top >= 950).float().mean())  # 0.5 + 0.5 * 50 / 850
+    assert abs(share_plain - 50 / 850) < 0.02
+    assert abs(share_top - (0.5 + 0.5 * 50 / 850)) < 0.03
+    assert int(t_top.min()) >= 150 and int(t_top.max()) <= 999
+    # at t >= 950 the clean label is ~0.01 of the noise: the network cannot read it from x_t
+    x_t, t = noisy_labels(sched, onehot, torch.Generator().manual_seed(1), 950, top_prob=1.0, top_min=950)
+    assert int(t.min()) >= 950
+    assert abs(float(x_t[:, 0].mean() - x_t[:, 1].mean())) < 0.1

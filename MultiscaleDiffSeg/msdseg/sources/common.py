@@ -71,8 +71,15 @@ def finish_map(
     licence_files: list[str],
     origin: str,
     t1: Companion | None = None,
+    painted_only: tuple[tuple[int, ...], str] | None = None,
 ) -> MapEntry:
-    """Canonicalise, relabel, crop, check and write one map; return its manifest entry."""
+    """Canonicalise, relabel, crop, check and write one map; return its manifest entry.
+
+    ``painted_only`` = (leaf aseg numbers, reason): leaves whose extent in this source disagrees
+    with the aseg protocol.  They stay in the map (the synthesiser paints them, so the images look
+    right) but leave ``defined``, so the missing-label mechanism keeps them, their ancestors and
+    the background out of the loss for this source.
+    """
     if labels.ndim != 3:
         raise ValueError(f"{source}/{name}: expected a 3-D label map, got shape {labels.shape}")
     canon, canon_affine = to_canonical(labels, affine)
@@ -90,6 +97,11 @@ def finish_map(
         voxels={str(k): v for k, v in voxel_counts(mapped).items()},
         laterality={k: round(v, 2) for k, v in lateral.items()}, origin=origin,
     )
+    if painted_only is not None:
+        leaves, reason = painted_only
+        entry.painted_only = [lab for lab in entry.defined if lab in set(leaves)]
+        entry.defined = [lab for lab in entry.defined if lab not in set(leaves)]
+        entry.painted_only_reason = reason
     if t1 is not None:
         entry.t1 = f"{source}/{name}_t1.nii.gz"
         entry.t1_note = t1.note

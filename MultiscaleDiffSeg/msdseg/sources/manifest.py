@@ -36,6 +36,10 @@ class MapEntry:
     voxels: dict[str, int] = field(default_factory=dict)  # output value -> count
     laterality: dict[str, float] = field(default_factory=dict)
     origin: str = ""  # member of the wheel it came from
+    # leaves the map labels but whose boundary follows another protocol: painted into synthetic
+    # images, left out of ``defined`` so the loss does not learn them (see ``unsupervised``)
+    painted_only: list[int] = field(default_factory=list)
+    painted_only_reason: str = ""
 
 
 @dataclass
