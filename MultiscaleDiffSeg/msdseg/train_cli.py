@@ -37,6 +37,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="share of steps whose timestep is drawn from [--t-top-min, 1000), where the "
                         "noisy labels carry almost nothing and the network must read the image")
     p.add_argument("--t-top-min", type=int, default=900)
+    p.add_argument("--refine-depths", type=int, default=None, metavar="N",
+                   help="make the finest N depths' heads refine the upsampled coarser logits "
+                        "(converts an --init model whose heads do not; see msdseg/model.py)")
 
 
 def load_sources(manifest_path: Path, only: list[str] | None = None):
@@ -96,7 +99,8 @@ def run_training(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
                       bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init,
-                      ema_decay=args.ema_decay, t_top_prob=args.t_top_prob, t_top_min=args.t_top_min)
+                      ema_decay=args.ema_decay, t_top_prob=args.t_top_prob, t_top_min=args.t_top_min,
+                      refine_depths=args.refine_depths)
     if args.modes:
         try:
             cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)

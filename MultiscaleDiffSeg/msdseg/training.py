@@ -90,6 +90,7 @@ class TrainConfig:
     t_top_prob: float = 0.0  # share of steps with t drawn from [t_top_min, T): image-only reading
     t_top_min: int = 900
     init_model: str | None = None
+    refine_depths: int | None = None  # convert the finest depths' heads to refining heads (model.py)
     ema_decay: float = 0.999  # 0 disables the weight average
 
 
@@ -133,6 +134,8 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # same seed, same initial weights
                 torch.manual_seed(cfg.seed)
                 self.model = MultiscaleDiffUNet(model_cfg or ModelConfig(n_classes=tree.n_classes))
+        if cfg.refine_depths:  # before resuming, so a checkpoint's weights land on the same layout
+            self.model.enable_refining_heads(cfg.refine_depths)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)

@@ -84,3 +84,47 @@ def test_windowed_sampling_matches_whole_volume_when_one_window_covers_it(monkey
     win = inf.predict_on_grid(model, grid, values, 2, 2, 1, precision="fp32", windowed=True)
     assert torch.allclose(win.mean.sum(0), torch.ones(grid.shape), atol=1e-4)
     assert torch.allclose(win.mean, whole.mean, atol=1e-4)
+
+
+def test_refinement_settings_resolve():
+    """A preset or an override may finish at a finer spacing; nothing finer, or a deterministic
+    pass, turns refinement off rather than failing."""
+    assert SegmentSettings(preset="balanced", refine_mm=1.0).resolved()["refine_mm"] == 1.0
+    assert SegmentSettings(preset="balanced", refine_mm=0).resolved()["refine_mm"] is None
+    assert SegmentSettings(preset="balanced", refine_mm=2.0).resolved()["refine_mm"] is None
+    assert SegmentSettings(preset="balanced", refine_mm=1.0, steps=0).resolved()["refine_mm"] is None
+
+
+def test_ddim_from_an_initial_answer_runs_only_the_remaining_steps():
+    """Started at step k of n from an initial answer, each chain makes n - k denoiser calls, sees
+    that answer through the noise and never the pure-noise timestep."""
+    from msdseg.diffusion import ddim_sample
+
+    calls = []
+    init = torch.zeros(3, 6, 6, 6)
+    init[1] = 1.0  # class 1 everywhere
+
+    def echo(x_t, t):  # a 'denoiser' that believes the noisy labels it is given
+        calls.append(int(t))
+        return torch.softmax(4.0 * x_t, dim=1)
+
+    res = ddim_sample(echo, (3, 6, 6, 6), steps=4, samples=2, seed=0, init=init, start_step=3)
+    assert calls == [249, 249]  # the last step of 999, 749, 499, 249, once per chain
+    assert float((res.mean.argmax(0) == 1).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="start_step"):
+        ddim_sample(echo, (3, 6, 6, 6), steps=4, samples=1, init=init, start_step=4)
+
+
+def test_segment_with_refinement_returns_labels_on_the_input_grid(untrained_model, oblique_phantom):
+    """The whole coarse-to-fine path on an oblique phantom: coarse 4 mm, refined at 2 mm."""
+    from msdseg.inference import segment_image
+
+    seen = []
+    res = segment_image(oblique_phantom, SegmentSettings(
+        preset="fast", model=untrained_model, device="cpu", spacing_mm=4.0, refine_mm=2.0, steps=2,
+        uncertainty=True), progress=lambda f, m: seen.append(f))
+    assert res.labels.GetSize() == oblique_phantom.GetSize()
+    assert res.info["refine_mm"] == 2.0 and res.info["spacing_mm"] == 4.0
+    assert res.uncertainty is not None and res.uncertainty.GetSize() == oblique_phantom.GetSize()
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert res.info["grid_shape"] == [88, 104, 88]  # the labels come from the 2 mm (fine) grid

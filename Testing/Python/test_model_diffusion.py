@@ -229,3 +229,35 @@ def test_top_timestep_share_draws_signal_free_noise_levels():
     x_t, t = noisy_labels(sched, onehot, torch.Generator().manual_seed(1), 950, top_prob=1.0, top_min=950)
     assert int(t.min()) >= 950
     assert abs(float(x_t[:, 0].mean() - x_t[:, 1].mean())) < 0.1
+
+
+def test_refining_head_starts_as_the_upsampled_coarser_answer_and_round_trips(tmp_path):
+    """Converting a model's finest head to a refining head (zero weights) leaves every coarser
+    output unchanged and makes the fine output exactly the coarser logits upsampled x2; the
+    layout survives save/load, and a model without the key loads as before."""
+    import torch.nn.functional as F
+
+    from msdseg.model import ModelConfig, MultiscaleDiffUNet
+    from msdseg.modelfile import load_model, save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=5, channels=(4, 8, 8), image_channels_per_depth=(4, 4, 8),
+                      spacings_mm=(1.0, 2.0, 4.0), time_dim=16)
+    model = MultiscaleDiffUNet(cfg).eval()
+    image, coords = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 3, 16, 16, 16)
+    x_t, t = torch.randn(1, 5, 16, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        before = model(image, x_t, t, 0, coords)
+        assert model.enable_refining_heads(1) == [0] and model.enable_refining_heads(1) == []
+        after = model(image, x_t, t, 0, coords)
+    for b, a in zip(before[1:], after[1:]):
+        torch.testing.assert_close(a, b)
+    up = F.interpolate(before[1], scale_factor=2, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(after[0], up)
+    assert not torch.allclose(before[0], after[0])
+    path = save_model(model, tmp_path / "m.safetensors", {"name": "t"})
+    loaded = load_model(path).model
+    assert loaded.cfg.refine_depths == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image, x_t, t, 0, coords)[0], after[0])
+    assert ModelConfig.from_dict({"n_classes": 5}).refine_depths == 0  # older model files
