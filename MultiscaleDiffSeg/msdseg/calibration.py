@@ -139,7 +139,9 @@ def collect_real_cases(
         ref_img = resample_to_grid(read_image(case["labels"]), grid, interpolator=sitk.sitkNearestNeighbor)
         raw = to_ras_array(ref_img).astype(np.int64).clip(0, 65535)
         ref = lut[raw]  # head tissue (>= 1000) is background
-        region = _evaluated_voxels(probs.argmax(0), ref, raw != IGNORE, spacing)
+        # painted-only leaves (IBSR's cortex) are not a reference the model is meant to match
+        scored = (raw != IGNORE) & ~np.isin(raw, case.get("unscored", []))
+        region = _evaluated_voxels(probs.argmax(0), ref, scored, spacing)
         lp, tg = _subsample(probs, ref, region, rng)
         logs.append(lp)
         targets.append(tg)
@@ -194,7 +196,7 @@ def real_training_cases(manifest: Path) -> list[dict[str, str]]:
     """Training label maps of the manifest that come with their own real T1 image."""
     doc = json.loads(manifest.read_text())
     return [{"name": f"{m['source']}/{m['name']}", "t1": str(manifest.parent / m["t1"]),
-             "labels": str(manifest.parent / m["path"])}
+             "labels": str(manifest.parent / m["path"]), "unscored": list(m.get("painted_only", []))}
             for m in doc.get("maps", []) if m.get("role") == "train" and m.get("t1")]
 
 

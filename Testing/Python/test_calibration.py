@@ -84,3 +84,21 @@ def test_calibration_refuses_sources_without_a_complete_map():
     params = {"spacing_mm": 4.0, "steps": 1, "samples": 1, "mirror": False}
     with pytest.raises(InputError, match="complete label maps"):
         collect_cases(MultiscaleDiffUNet(MODEL), _generator(), 1, params, seed=0, mirror_permutation=None)
+
+
+def test_real_cases_leave_painted_only_leaves_unscored(tmp_path):
+    """A training map's painted-only leaves (IBSR's cortex) are not a reference the model is meant
+    to match, so the real-image part of the fit does not score their voxels."""
+    from msdseg.calibration import real_training_cases
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"maps": [
+        {"source": "deepmriprep", "name": "ibsr", "role": "train", "path": "a.nii.gz", "t1": "a_t1.nii.gz",
+         "painted_only": [3, 42]},
+        {"source": "x", "name": "y", "role": "train", "path": "b.nii.gz", "t1": "b_t1.nii.gz"},
+        {"source": "x", "name": "z", "role": "train", "path": "c.nii.gz"},
+        {"source": "fsaverage", "name": "fsaverage", "role": "heldout", "path": "d.nii.gz", "t1": "d_t1.nii.gz"},
+    ]}))
+    cases = real_training_cases(manifest)
+    assert [c["name"] for c in cases] == ["deepmriprep/ibsr", "x/y"]
+    assert cases[0]["unscored"] == [3, 42] and cases[1]["unscored"] == []
