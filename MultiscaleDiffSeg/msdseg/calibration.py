@@ -111,8 +111,8 @@ def collect_real_cases(
     compared on the model grid (reference resampled with nearest neighbour)."""
     import SimpleITK as sitk
 
-    from .geometry import head_grid, image_on_grid, resample_to_grid, to_ras_array
-    from .inference import _as_tensors, sample_multiscale
+    from .geometry import head_grid, resample_to_grid, to_ras_array
+    from .inference import preset_inputs, sample_multiscale
     from .io import load_volume, read_image
     from .labels import load_tree
     from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
@@ -127,21 +127,19 @@ def collect_real_cases(
     for i, case in enumerate(cases):
         image = load_volume(case["t1"])
         grid = head_grid(image, spacing)
-        fine = grid.at_spacing(float(params["refine_mm"])) if params.get("refine_mm") else None
+        coarse, fine_grid, fine = preset_inputs(image, grid, params)
         res = sample_multiscale(
-            model, _as_tensors(grid, image_on_grid(image, grid)), dict(params), seed=seed + i, device="cpu",
-            mirror_permutation=mirror_permutation if params["mirror"] else None,
-            fine=None if fine is None else _as_tensors(fine, image_on_grid(image, fine)),
+            model, coarse, dict(params), seed=seed + i, device="cpu",
+            mirror_permutation=mirror_permutation if params["mirror"] else None, fine=fine,
         )
-        if fine is not None:
-            grid, spacing = fine, float(params["refine_mm"])
+        grid = fine_grid or grid  # a refining preset is scored on its fine grid
         probs = res.mean.numpy()
         ref_img = resample_to_grid(read_image(case["labels"]), grid, interpolator=sitk.sitkNearestNeighbor)
         raw = to_ras_array(ref_img).astype(np.int64).clip(0, 65535)
         ref = lut[raw]  # head tissue (>= 1000) is background
         # painted-only leaves (IBSR's cortex) are not a reference the model is meant to match
         scored = (raw != IGNORE) & ~np.isin(raw, case.get("unscored", []))
-        region = _evaluated_voxels(probs.argmax(0), ref, scored, spacing)
+        region = _evaluated_voxels(probs.argmax(0), ref, scored, grid.spacing_mm)
         lp, tg = _subsample(probs, ref, region, rng)
         logs.append(lp)
         targets.append(tg)

@@ -64,10 +64,9 @@ def noisy_labels(
     shows the labels almost unchanged, so training there mostly teaches copying.
 
     With ``top_prob`` > 0 that share of the items draws t from [top_min, T) instead: there x_t
-    holds almost no label signal, so the network must read the image.  Every sampler's first
-    step (and the deterministic pass) runs at t = T - 1, and at 1 mm, where a structure covers
-    many voxels, the noisy labels of mid-range t are easy to denoise on their own: a head trained
-    on uniform t learnt to copy x_t and segmented poorly from the image alone (model card).
+    holds almost no label signal, so the network must read the image.  Uniform t gives that range
+    only (T - top_min) / (T - t_min) of the steps, yet every sampler's first step and the
+    deterministic pass run at t = T - 1.
     """
     b = onehot.shape[0]
     t = torch.randint(int(t_min), scheduler.num_train_timesteps, (b,), generator=generator)
@@ -181,7 +180,7 @@ def ddim_sample(
         x = torch.randn((1, *shape), generator=gen).to(device)
         if init is not None:
             t0 = torch.full((1,), int(sched.timesteps[first]), dtype=torch.long)
-            x = make_train_scheduler().add_noise(to_signed(init.float().to(device))[None], x, t0.to(device))
+            x = sched.add_noise(to_signed(init.float().to(device))[None], x, t0.to(device))
         fused = torch.zeros(shape, device=device)
         weights = torch.zeros((1, *shape[1:]), device=device)
         for i, t_val in enumerate(sched.timesteps):

@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -120,15 +120,16 @@ def segment_image(
     model = loaded.model
     tree = load_tree()
     spacing = float(params["spacing_mm"])
-    entry = model.cfg.depth_of(spacing)
+    for mm in (spacing, params.get("refine_mm")):  # an unknown spacing fails before any resampling
+        if mm:
+            model.cfg.depth_of(float(mm))
     report(0.02, f"placing the {spacing:g} mm model grid")
     grid = head_grid(image, spacing)
-    values = image_on_grid(image, grid)
+    coarse, fine_grid, fine = preset_inputs(image, grid, params)
     if check():
         raise Cancelled("cancelled")
-    result, used_device, grid = _sample_with_fallback(
-        model, grid, values, entry, params, settings, device, report, check, image
-    )
+    result, used_device = _sample_with_fallback(model, coarse, fine, params, settings, device, report, check)
+    grid = fine_grid or grid  # the grid the result lies on
     report(0.92, "mapping labels back to the input grid")
     # calibrated probabilities: same most likely label, honest confidence (msdseg.calibration)
     temperature = temperature_for(loaded.config, settings.preset)
@@ -193,6 +194,18 @@ def predict_on_grid(
 def _as_tensors(grid: ModelGrid, values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (1, 1, X, Y, Z), coordinates (1, 3, X, Y, Z)) of normalised values on ``grid``."""
     return torch.from_numpy(values)[None, None].float(), torch.from_numpy(grid.coordinates())[None]
+
+
+def preset_inputs(
+    image: sitk.Image, grid: ModelGrid, params: Mapping[str, Any]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ModelGrid | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """What :func:`sample_multiscale` needs for ``image``: its tensors on ``grid`` and, when the
+    preset refines, the finer grid of the same field of view and its tensors there."""
+    coarse = _as_tensors(grid, image_on_grid(image, grid))
+    if not params.get("refine_mm"):
+        return coarse, None, None
+    fine_grid = grid.at_spacing(float(params["refine_mm"]))
+    return coarse, fine_grid, _as_tensors(fine_grid, image_on_grid(image, fine_grid))
 
 
 def sample_multiscale(
@@ -322,10 +335,9 @@ def _windowed_denoiser(model, image, coords, entry, ctx):
     return denoise
 
 
-def _sample_with_fallback(model, grid, values, entry, params, settings, device, report, check, image):
+def _sample_with_fallback(model, coarse, fine, params, settings, device, report, check):
     """Sample on ``device``; on out-of-memory retry in windows, then on the CPU, with a warning.
-    Returns the result, the device used and the grid the result lies on (the finer one when the
-    preset refines)."""
+    ``coarse``/``fine``: the tensors of :func:`preset_inputs`, made once for every attempt."""
     attempts: list[tuple[torch.device, bool | None]] = [(device, None)]
     if device.type != "cpu":
         attempts += [(device, True), (torch.device("cpu"), True)]
@@ -335,14 +347,12 @@ def _sample_with_fallback(model, grid, values, entry, params, settings, device, 
     for dev, windowed in attempts:
         try:
             model.to(dev)
-            fine = grid.at_spacing(float(params["refine_mm"])) if params.get("refine_mm") else None
             res = sample_multiscale(
-                model, _as_tensors(grid, values), params, settings.seed, dev, settings.precision, windowed,
+                model, coarse, params, settings.seed, dev, settings.precision, windowed,
                 progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=check,
-                mirror_permutation=load_tree().flip_permutation if params["mirror"] else None,
-                fine=None if fine is None else _as_tensors(fine, image_on_grid(image, fine)),
+                mirror_permutation=load_tree().flip_permutation if params["mirror"] else None, fine=fine,
             )
-            return res, dev, grid if fine is None else fine
+            return res, dev
         except Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried

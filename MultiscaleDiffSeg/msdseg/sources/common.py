@@ -98,10 +98,9 @@ def finish_map(
         laterality={k: round(v, 2) for k, v in lateral.items()}, origin=origin,
     )
     if painted_only is not None:
-        leaves, reason = painted_only
-        entry.painted_only = [lab for lab in entry.defined if lab in set(leaves)]
-        entry.defined = [lab for lab in entry.defined if lab not in set(leaves)]
-        entry.painted_only_reason = reason
+        leaves, entry.painted_only_reason = set(painted_only[0]), painted_only[1]
+        entry.painted_only = [lab for lab in entry.defined if lab in leaves]
+        entry.defined = [lab for lab in entry.defined if lab not in leaves]
     if t1 is not None:
         entry.t1 = f"{source}/{name}_t1.nii.gz"
         entry.t1_note = t1.note

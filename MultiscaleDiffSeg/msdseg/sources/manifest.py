@@ -37,7 +37,7 @@ class MapEntry:
     laterality: dict[str, float] = field(default_factory=dict)
     origin: str = ""  # member of the wheel it came from
     # leaves the map labels but whose boundary follows another protocol: painted into synthetic
-    # images, left out of ``defined`` so the loss does not learn them (see ``unsupervised``)
+    # images, left out of ``defined`` so the loss does not learn them (see ``common.finish_map``)
     painted_only: list[int] = field(default_factory=list)
     painted_only_reason: str = ""
 
