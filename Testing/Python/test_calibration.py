@@ -28,7 +28,7 @@ def _single_corner(log_probs: np.ndarray, correct: np.ndarray):
     corners = np.repeat(log_probs[:, None, :], 8, axis=1).astype(np.float32)
     weights = np.zeros((n, 8), np.float32)
     weights[:, 0] = 1.0
-    return InputGridVoxels(torch.from_numpy(corners), torch.from_numpy(weights), correct)
+    return InputGridVoxels(torch.from_numpy(corners), torch.from_numpy(weights), correct, log_probs.argmax(1))
 
 
 def test_fit_recovers_a_known_overconfidence():
@@ -68,7 +68,10 @@ def test_input_grid_voxels_interpolate_like_the_uncertainty_map():
                                               mode="bilinear", align_corners=True)[0, 0, 0, 0]
         np.testing.assert_allclose(vox.confidence(t), 1 - unc.numpy(), atol=1e-5)
     mean = torch.nn.functional.grid_sample(probs[None], grid, mode="bilinear", align_corners=True)[0, :, 0, 0]
-    assert np.array_equal(vox.correct, mean.argmax(0).numpy() == ref)
+    assert np.array_equal(vox.predicted, mean.argmax(0).numpy())
+    assert np.array_equal(vox.correct, vox.predicted == ref)
+    kept = vox.subset(vox.predicted != vox.predicted[0])
+    assert len(kept) == int((vox.predicted != vox.predicted[0]).sum()) and kept.log_corners.shape[1:] == (8, 4)
 
 
 def test_temperature_is_read_from_the_model_json(tmp_path):
@@ -138,3 +141,25 @@ def test_real_cases_leave_painted_only_leaves_unscored(tmp_path):
     cases = real_training_cases(manifest)
     assert [c["name"] for c in cases] == ["deepmriprep/ibsr", "x/y"]
     assert cases[0]["unscored"] == [3, 42] and cases[1]["unscored"] == []
+
+
+def test_synthetic_cases_are_whole_brain_1mm_scans_from_nearly_complete_maps():
+    """The fit's synthetic part keeps the training ranges except thick slices and cut fields of
+    view, and takes maps lacking one leaf (SAMSEG has no CSF leaf) but not partial ones."""
+    from dataclasses import asdict
+
+    from msdseg.calibration import calibration_synth_config, missing_leaves
+    from msdseg.synth import SynthConfig
+
+    cal, train = asdict(calibration_synth_config()), asdict(SynthConfig())
+    assert cal["thick_slice_prob"] == 0.0 and cal["fov_prob"] == 0.0
+    assert {k: v for k, v in cal.items() if k not in ("thick_slice_prob", "fov_prob")} == \
+        {k: v for k, v in train.items() if k not in ("thick_slice_prob", "fov_prob")}
+    complete = np.ones(33, bool)
+    assert not missing_leaves(complete).any()
+    no_csf = complete.copy()
+    no_csf[[0, 32]] = False  # background is marked undefined whenever a leaf is
+    assert np.flatnonzero(missing_leaves(no_csf)).tolist() == [32]
+    no_cortex = complete.copy()
+    no_cortex[[0, 1, 15]] = False
+    assert missing_leaves(no_cortex) is None
