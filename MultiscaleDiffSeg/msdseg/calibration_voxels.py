@@ -5,8 +5,8 @@ probability interpolated trilinearly onto the input grid (:mod:`msdseg.backproje
 against labels that are the argmax of the interpolated mean.  Fitting the temperature on the
 (2 mm) model grid against a nearest-neighbour reference measures something else: at 2 mm every
 boundary voxel is a partial-volume coin flip, so the fit asks for more softening than the 1 mm
-map needs.  Measured on the stage-3 candidate (balanced, docs/model_card.md): model-grid fit T 2.17,
-input-grid fit T 2.12; held-out ECE 0.067 and 0.062.  A real but small part of the gap.
+map needs.  Measured on the stage-3 candidate (balanced, the same training-range cases, session 6
+field notes): model-grid fit T 2.17, input-grid fit T 2.12; held-out ECE 0.067 and 0.062.
 
 So each voxel of the fit is an input-grid voxel, stored as the model-grid probabilities at its 8
 trilinear corners plus their weights.  For a temperature ``T`` its stated confidence is
