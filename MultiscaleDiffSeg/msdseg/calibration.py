@@ -47,8 +47,9 @@ from .calibration_voxels import InputGridVoxels, binary_nll, evaluated_region, g
 #: spacing of the synthetic inputs of the fit: the usual T1 a user brings
 INPUT_MM = 1.0
 #: synthetic cases may come from maps lacking this many leaves (SAMSEG's atlas has no CSF leaf);
-#: with none allowed, the only complete training map (cvs_avg35) would make every synthetic case
-#: (a voxel the model gives a missing leaf is not scored; one the map calls background is, as such)
+#: with none allowed, every synthetic case would be drawn from the one complete training map
+#: (cvs_avg35).  A voxel the model gives a missing leaf is not scored; one the map calls
+#: background is scored as background.
 MAX_MISSING_CLASSES = 1
 
 def temper(probs: torch.Tensor, temperature: float, dim: int = 0) -> torch.Tensor:
@@ -103,9 +104,7 @@ def collect_real_cases(
     from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
 
     tree = load_tree()
-    lut = np.zeros(65536, dtype=np.int64)  # labels outside the tree count as background
-    for label, channel in tree.aseg_to_channel.items():
-        lut[label] = channel
+    lut = tree.aseg_lookup(65535)  # labels outside the tree count as background
     rng = np.random.default_rng(seed)
     parts = []
     for i, case in enumerate(cases):

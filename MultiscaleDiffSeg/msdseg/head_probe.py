@@ -50,7 +50,7 @@ class ProbeResult:
     def summary(self) -> dict:
         d = self.dice()[1:]  # leaves only (channel 0 is background)
         present = np.isfinite(d)
-        return {"crops": self.crops, "mean_dice_present": float(np.nanmean(d)) if present.any() else float("nan"),
+        return {"crops": self.crops, "sources": list(self.sources), "mean_dice_present": float(np.nanmean(d)) if present.any() else float("nan"),
                 "present": int(present.sum()),
                 "never_predicted": [n for n, p, r in zip(self.names[1:], self.pred_voxels[1:], self.ref_voxels[1:])
                                     if r > 0 and p == 0],
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, torch.device("cpu"))
         tree = load_tree()
         sources, _ = load_sources(Path(args.data))
-        names = ["background"] + [leaf.id for leaf in sorted(tree.leaves, key=lambda lf: tree.leaf_channel[lf.id])]
+        names = ["background"] + [leaf.id for leaf in tree.leaves]  # channel order (labels.py)
         res = probe_head(loaded.model, SyntheticGenerator(sources, tree), names, args.spacing, args.crops, args.t,
                          args.seed, args.crop,
                          progress=lambda d, n, s: print(f"crop {d}/{n} ({s})", file=sys.stderr, flush=True))
