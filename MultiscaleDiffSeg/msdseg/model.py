@@ -40,6 +40,11 @@ class ModelConfig:
     time_dim: int = 64
     groups: int = 4
     refine_depths: int = 0  # the finest N depths' heads correct the upsampled coarser logits
+    # Per-depth widening factors of a model grown from a narrower one (model_widen.py): a norm at
+    # depth d keeps the group *size* it had before widening, so the old channels keep their groups
+    # and the grown model starts with the old one's outputs.  Empty = never widened (all 1).
+    width_scale: tuple[int, ...] = ()
+    image_width_scale: tuple[int, ...] = ()
 
     def refines(self, depth: int) -> bool:
         """Whether the head of ``depth`` adds to the upsampled logits of ``depth + 1``."""
@@ -51,7 +56,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for key in ("spacings_mm", "channels", "image_channels_per_depth"):
+        for key in ("spacings_mm", "channels", "image_channels_per_depth", "width_scale", "image_width_scale"):
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -59,6 +64,11 @@ class ModelConfig:
     @property
     def depths(self) -> int:
         return len(self.spacings_mm)
+
+    def scale_at(self, depth: int, image: bool = False) -> int:
+        """Widening factor of ``depth`` (1 unless the model was grown by model_widen)."""
+        scales = self.image_width_scale if image else self.width_scale
+        return int(scales[depth]) if scales else 1
 
     def depth_of(self, spacing_mm: float) -> int:
         for d, s in enumerate(self.spacings_mm):
@@ -75,18 +85,20 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def _norm(ch: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(groups, ch), ch)
+def _norm(ch: int, groups: int, scale: int = 1) -> nn.GroupNorm:
+    """``min(groups, ch)`` groups; a layer widened ``scale`` times has ``scale`` times as many
+    groups of the same size, so its original channels are normalised exactly as before."""
+    return nn.GroupNorm(min(groups, ch // scale) * scale, ch)
 
 
 class ResBlock(nn.Module):
     """Pre-activation residual block; optional FiLM (scale, shift) from the timestep embedding."""
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, time_dim: int | None = None):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, time_dim: int | None = None, scale: int = 1):
         super().__init__()
-        self.norm1 = _norm(in_ch, groups)
+        self.norm1 = _norm(in_ch, groups, scale)
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch, groups)
+        self.norm2 = _norm(out_ch, groups, scale)
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(time_dim, 2 * out_ch) if time_dim else None
         self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -109,7 +121,9 @@ class ImageEncoder(nn.Module):
         ch = cfg.image_channels_per_depth
         cin = cfg.image_channels + cfg.coord_channels
         self.entries = nn.ModuleList([nn.Conv3d(cin, c, 3, padding=1) for c in ch])
-        self.blocks = nn.ModuleList([ResBlock(c, c, cfg.groups) for c in ch])
+        self.blocks = nn.ModuleList(
+            [ResBlock(c, c, cfg.groups, scale=cfg.scale_at(d, image=True)) for d, c in enumerate(ch)]
+        )
         self.downs = nn.ModuleList([nn.Conv3d(ch[d], ch[d + 1], 2, stride=2) for d in range(len(ch) - 1)])
 
     def forward(self, images: list[torch.Tensor], entry: int) -> list[torch.Tensor]:
@@ -140,11 +154,13 @@ class MultiscaleDiffUNet(nn.Module):
         )
         self.label_entries = nn.ModuleList([nn.Conv3d(cfg.n_classes, c, 1) for c in ch])
         self.image_fuse = nn.ModuleList([nn.Conv3d(ich[d], ch[d], 1) for d in range(D)])
-        self.enc = nn.ModuleList([ResBlock(c, c, cfg.groups, cfg.time_dim) for c in ch])
+        self.enc = nn.ModuleList(
+            [ResBlock(c, c, cfg.groups, cfg.time_dim, cfg.scale_at(d)) for d, c in enumerate(ch)]
+        )
         self.downs = nn.ModuleList([nn.Conv3d(ch[d], ch[d + 1], 2, stride=2) for d in range(D - 1)])
         self.ups = nn.ModuleList([nn.ConvTranspose3d(ch[d + 1], ch[d], 2, stride=2) for d in range(D - 1)])
         self.dec = nn.ModuleList(
-            [ResBlock(2 * ch[d], ch[d], cfg.groups, cfg.time_dim) for d in range(D - 1)]
+            [ResBlock(2 * ch[d], ch[d], cfg.groups, cfg.time_dim, cfg.scale_at(d)) for d in range(D - 1)]
         )
         self.heads = nn.ModuleList([nn.Conv3d(c, cfg.n_classes, 1) for c in ch])
 

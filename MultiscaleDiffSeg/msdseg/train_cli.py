@@ -40,6 +40,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-depths", type=int, default=None, metavar="N",
                    help="make the finest N depths' heads refine the upsampled coarser logits "
                         "(converts an --init model whose heads do not; see msdseg/model.py)")
+    p.add_argument("--widen", default=None, metavar="C1,C2,...",
+                   help="grow the --init model to these channels per depth (whole multiples of its "
+                        "own), starting from its exact outputs; see msdseg/model_widen.py")
 
 
 def load_sources(manifest_path: Path, only: list[str] | None = None):
@@ -74,6 +77,12 @@ def _priors_file(doc: dict, base: Path) -> Path | None:
     return base / rel if rel and (base / rel).exists() else None
 
 
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    from .model_widen import parse_widths
+
+    return None if text is None else parse_widths(text)
+
+
 def run_training(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,7 +109,7 @@ def run_training(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
                       bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init,
                       ema_decay=args.ema_decay, t_top_prob=args.t_top_prob, t_top_min=args.t_top_min,
-                      refine_depths=args.refine_depths)
+                      refine_depths=args.refine_depths, widen=_widths(args.widen))
     if args.modes:
         try:
             cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)

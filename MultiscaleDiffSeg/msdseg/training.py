@@ -34,6 +34,7 @@ from .diffusion import make_train_scheduler, noisy_labels
 from .labels import LabelTree
 from .losses import HierarchicalLoss
 from .model import ModelConfig, MultiscaleDiffUNet
+from .model_widen import widen_model
 from .modelfile import load_model, save_model
 from .synth import SyntheticGenerator, TrainingSample
 
@@ -91,6 +92,7 @@ class TrainConfig:
     t_top_min: int = 900
     init_model: str | None = None
     refine_depths: int | None = None  # convert the finest depths' heads to refining heads (model.py)
+    widen: tuple[int, ...] | None = None  # grow the init model to these channels (model_widen.py)
     ema_decay: float = 0.999  # 0 disables the weight average
 
 
@@ -136,6 +138,8 @@ class Trainer:
                 self.model = MultiscaleDiffUNet(model_cfg or ModelConfig(n_classes=tree.n_classes))
         if cfg.refine_depths:  # before resuming, so a checkpoint's weights land on the same layout
             self.model.enable_refining_heads(cfg.refine_depths)
+        if cfg.widen and tuple(cfg.widen) != tuple(self.model.cfg.channels):  # same reason
+            self.model = widen_model(self.model, tuple(cfg.widen), seed=cfg.seed)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
