@@ -35,8 +35,7 @@ def evaluate_model(
     deterministic_baseline: bool = True, write_reports: bool = True,
 ) -> dict[str, Any]:
     """Score ``model`` on the held-out cases; returns (and writes) a summary JSON."""
-    from .evaluate import evaluate, write_report
-    from .inference import SegmentSettings, segment_image
+    from .inference import SegmentSettings
     from .io import load_volume, read_image
     from .labels import load_tree
 
@@ -54,25 +53,34 @@ def evaluate_model(
         for name, steps, mirror in variants:
             settings = SegmentSettings(preset=preset, device=device, steps=steps, uncertainty=True,
                                        model=model, check_brain=False, mirror=mirror)
-            t0 = time.time()
-            res = segment_image(image, settings)
-            seconds = time.time() - t0
-            report = evaluate(res.labels, ref, tree, uncertainty=res.uncertainty)
-            summary = {k: v for k, v in report.summary.items() if not isinstance(v, (dict, list))}
-            summary["seconds"] = round(seconds, 1)
-            summary["min_dice_leaves"] = min(
-                (r.dice for r in report.structures if r.is_leaf and math.isfinite(r.dice)), default=math.nan)
-            summary["dice_by_leaf"] = {r.node_id: r.dice for r in report.structures if r.is_leaf}
-            per_case[name] = summary
-            if write_reports:
-                stem = f"{case['name']}_{name}"
-                write_report(report, outdir, stem, tree=tree, image=image,
-                             title=f"{results['model']} - {case['name']} - {name} ({preset})")
+            per_case[name] = segment_and_score(
+                image, ref, settings, tree, outdir if write_reports else None, f"{case['name']}_{name}",
+                f"{results['model']} - {case['name']} - {name} ({preset})")
         results["cases"][case["name"]] = per_case
     from .evaluate import _json_safe
 
     (outdir / "heldout_summary.json").write_text(json.dumps(_json_safe(results), indent=1))
     return results
+
+
+def segment_and_score(image, ref, settings, tree, outdir: Path | None, stem: str, title: str) -> dict[str, Any]:
+    """Segment ``image`` with ``settings``, score it against ``ref``; the summary row of one case
+    (and its report files in ``outdir`` unless None)."""
+    from .evaluate import evaluate, write_report
+    from .inference import segment_image
+
+    t0 = time.time()
+    res = segment_image(image, settings)
+    seconds = time.time() - t0
+    report = evaluate(res.labels, ref, tree, uncertainty=res.uncertainty)
+    summary = {k: v for k, v in report.summary.items() if not isinstance(v, (dict, list))}
+    summary["seconds"] = round(seconds, 1)
+    summary["min_dice_leaves"] = min(
+        (r.dice for r in report.structures if r.is_leaf and math.isfinite(r.dice)), default=math.nan)
+    summary["dice_by_leaf"] = {r.node_id: r.dice for r in report.structures if r.is_leaf}
+    if outdir is not None:
+        write_report(report, outdir, stem, tree=tree, image=image, title=title)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
