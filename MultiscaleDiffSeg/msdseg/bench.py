@@ -3,6 +3,8 @@
     python -m msdseg.bench -o bench/                      # the full run (takes long on a CPU)
     python -m msdseg.bench -o bench/ --small              # a 48^3 4 mm phantom: checks the script
     python -m msdseg.bench -o bench/ --presets fast --volumes mni152 --workers 1 2 --cohort-cases 4
+    python -m msdseg.bench -o bench/ --presets balanced --volumes pad256 --skip-scaling --models A B
+                                                          # two model files, same run, same machine load
 
 Why every measurement is a separate child process: that is what a user runs (``msdseg segment``),
 it includes import, model loading and writing, and a fresh process makes peak memory meaningful.
@@ -25,6 +27,7 @@ Results go to ``OUTDIR/bench.json`` and a Markdown table ``OUTDIR/bench.md`` for
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -173,7 +176,7 @@ def child_main(args: argparse.Namespace) -> int:
     image = load_volume(args.input)
     t_read = time.perf_counter()
     settings = SegmentSettings(preset=args.preset, device=args.device, steps=args.steps, samples=args.samples,
-                               uncertainty=True)
+                               uncertainty=True, model=args.model)
     result = segment_image(image, settings)
     t_seg = time.perf_counter()
     write_case_outputs(result, Path(args.output), "bench")
@@ -219,24 +222,33 @@ def machine_info() -> dict[str, Any]:
 
 
 def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path, args) -> list[dict[str, Any]]:
+    """One child process per volume, model and preset (``--models`` compares models in one run)."""
     rows = []
-    for vname, vpath in volumes.items():
-        for preset in presets:
-            work = outdir / "runs" / f"{vname}_{preset}"
-            work.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "msdseg.bench", "child", "--input", str(vpath), "--preset", preset,
-                   "--device", args.device, "--output", str(work)]
-            if args.steps is not None:
-                cmd += ["--steps", str(args.steps)]
-            if args.samples is not None:
-                cmd += ["--samples", str(args.samples)]
-            for rep in range(args.repeat):
-                log = work / f"log_{rep}.txt"
-                m = run_measured(cmd, _env(args.threads), log)
-                row = {"kind": "preset", "volume": vname, "preset": preset, "repeat": rep, **m, **_last_json(log)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for (vname, vpath), model, preset in itertools.product(volumes.items(), args.models or [None], presets):
+        label = _model_label(model)
+        work = outdir / "runs" / (f"{vname}_{preset}" if model is None else f"{vname}_{preset}_{label}")
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "msdseg.bench", "child", "--input", str(vpath), "--preset", preset,
+               "--device", args.device, "--output", str(work)]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        if args.steps is not None:
+            cmd += ["--steps", str(args.steps)]
+        if args.samples is not None:
+            cmd += ["--samples", str(args.samples)]
+        for rep in range(args.repeat):
+            log = work / f"log_{rep}.txt"
+            m = run_measured(cmd, _env(args.threads), log)
+            row = {"kind": "preset", "volume": vname, "preset": preset, "model": label, "repeat": rep,
+                   **m, **_last_json(log)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def _model_label(model: str | None) -> str:
+    """Folder and stem: exported candidates are all called msdseg_brain.safetensors."""
+    return "shipped" if model is None else f"{Path(model).parent.name}-{Path(model).stem}"
 
 
 def bench_scaling(volume: tuple[str, Path], workers: Sequence[int], cases: int, preset: str, outdir: Path,
@@ -275,9 +287,10 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"load average at start {info['load_avg_at_start']}.", ""]
     pre = [r for r in rows if r["kind"] == "preset"]
     if pre:
-        lines += ["| volume | preset | model grid | wall s | segment s | import s | peak RSS MiB |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['volume']} | {r['preset']} | {'x'.join(map(str, r.get('grid_shape') or []))} | "
+        lines += ["| volume | model | preset | model grid | wall s | segment s | import s | peak RSS MiB |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['volume']} | {r.get('model', 'shipped')} | {r['preset']} | "
+                  f"{'x'.join(map(str, r.get('grid_shape') or []))} | "
                   f"{r['wall_s']} | {r.get('segment_s', '')} | {r.get('import_s', '')} | {r['maxrss_mib']} |"
                   for r in pre]
         lines.append("")
@@ -299,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--device", default="cpu")
         p.add_argument("--steps", type=int, default=None)
         p.add_argument("--samples", type=int, default=None)
+        p.add_argument("--model", default=None)
         p.add_argument("--output", required=True)
         return child_main(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="python -m msdseg.bench", description=__doc__.split("\n\n")[0])
@@ -313,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--models", nargs="+", default=None,
+                   help="model files to measure one after the other in the same run (default: the shipped model)")
     p.add_argument("--skip-presets", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--small", action="store_true", help="the 48^3 4 mm phantom only, to check the script")
