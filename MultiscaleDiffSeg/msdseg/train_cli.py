@@ -57,7 +57,7 @@ def load_sources(manifest_path: Path, only: list[str] | None = None):
     for m in doc.get("maps", []):
         if m.get("role") != "train" or (only and m["source"] not in only):
             continue
-        src = LabelSource.from_file(base / m["path"], set(m["defined"]))
+        src = LabelSource.from_file(base / m["path"], set(m["defined"]), m.get("merged", []))
         src.name = f"{m['source']}/{m['name']}"
         out.append(src)
     priors = _priors_file(doc, base)

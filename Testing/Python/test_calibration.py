@@ -133,14 +133,14 @@ def test_real_cases_leave_painted_only_leaves_unscored(tmp_path):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"maps": [
         {"source": "deepmriprep", "name": "ibsr", "role": "train", "path": "a.nii.gz", "t1": "a_t1.nii.gz",
-         "painted_only": [3, 42]},
+         "painted_only": [3, 42], "merged": [[4, 5], [43, 44]]},
         {"source": "x", "name": "y", "role": "train", "path": "b.nii.gz", "t1": "b_t1.nii.gz"},
         {"source": "x", "name": "z", "role": "train", "path": "c.nii.gz"},
         {"source": "fsaverage", "name": "fsaverage", "role": "heldout", "path": "d.nii.gz", "t1": "d_t1.nii.gz"},
     ]}))
     cases = real_training_cases(manifest)
     assert [c["name"] for c in cases] == ["deepmriprep/ibsr", "x/y"]
-    assert cases[0]["unscored"] == [3, 42] and cases[1]["unscored"] == []
+    assert cases[0]["unscored"] == [3, 42, 4, 5, 43, 44] and cases[1]["unscored"] == []
 
 
 def test_synthetic_cases_are_whole_brain_1mm_scans_from_nearly_complete_maps():

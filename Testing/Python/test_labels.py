@@ -60,3 +60,24 @@ def test_partial_map_defines_only_complete_nodes():
     assert mask[ch[3]] and not mask[ch[2]] and not mask[0]
     full = tree.defined_nodes(range(1, tree.n_classes))
     assert tree.internal_mask(full).all() and tree.channel_mask(full).all()
+
+
+def test_merged_groups_define_their_parents_and_background_but_not_the_split():
+    """cvs_avg35 labels the ventricles but not our lateral-ventricle / temporal-horn split: with both
+    pairs merged, every node above them and the background stay supervised, the four leaves do not."""
+    tree = load_tree()
+    ch = tree.aseg_to_channel
+    groups = [(ch[4], ch[5]), (ch[43], ch[44])]
+    present = [c for c in range(1, tree.n_classes) if c not in {g for pair in groups for g in pair}]
+    defined = tree.defined_nodes(present, groups)
+    assert {"left_ventricles", "right_ventricles", "left_cerebrum", "brain", "background"} <= defined
+    mask = tree.channel_mask(defined)
+    assert not mask[[ch[4], ch[5], ch[43], ch[44]]].any() and mask[0] and mask[ch[3]]
+    assert tree.internal_mask(defined).all()
+    # one side only: the other side's ventricles are simply missing, so background is not defined
+    one = tree.defined_nodes(present, groups[:1])
+    assert "left_ventricles" in one and "right_ventricles" not in one and "background" not in one
+    # a group that straddles two parents defines neither of them, only their common ancestors
+    odd = tree.defined_nodes([c for c in range(1, tree.n_classes) if c not in (ch[5], ch[17])], [(ch[5], ch[17])])
+    assert "left_ventricles" not in odd and "left_subcortical" not in odd and "left_cerebrum" in odd
+

@@ -231,6 +231,19 @@ def test_painted_only_leaves_stay_in_the_map_but_leave_the_loss(tmp_path: Path):
     assert "background" not in nodes and not any(TREE[n].label == 10 for n in nodes if TREE[n].is_leaf)
 
 
+def test_merged_groups_leave_defined_and_are_recorded_whole(tmp_path: Path):
+    """A source that splits a group by another protocol: its leaves leave ``defined`` (even a member
+    the map happens not to contain) and the group is kept for the loss to learn as a union."""
+    aff = axis_affine("RAS", (30, 30, 30))
+    labels = sampled(aff, (30, 30, 30))
+    ctx = common.Context(tmp_path, TREE)
+    entry = common.finish_map(ctx, source="toy", name="case", labels=labels, affine=aff,
+                              relabel=lambda a: labelmap.map_freesurfer(a, TREE), role="train",
+                              licence="MIT", licence_files=[], origin="toy",
+                              merged=(((49, 3),), "split differently"))
+    assert entry.defined == [10] and entry.merged == [[3, 49]] and entry.merged_reason == "split differently"
+
+
 def test_outputs_are_byte_deterministic(tmp_path: Path):
     a = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
     assert output.nifti_bytes(a, np.eye(4), np.uint16) == output.nifti_bytes(a, np.eye(4), np.uint16)

@@ -73,6 +73,25 @@ def test_partial_map_masks_undefined_structures():
     assert not s.internal_mask.any()  # no internal node is complete without white matter
 
 
+def test_merged_group_follows_its_side_through_flips():
+    """A map that merges only its left cortex and WM: the sample's merged channels are the left
+    pair, or the right pair when the generator mirrored the map (labels and sides swap together)."""
+    lab, aff = _toy_map()
+    src = LabelSource.from_array("merged", lab, aff, {2, 3, 41, 42, 16}, merged_labels=[(2, 3)])
+    src.defined_labels -= {2, 3}
+    gen = SyntheticGenerator([src], TREE)
+    ch = TREE.aseg_to_channel
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(12):  # this seed mirrors the first eight draws, then not
+        s = gen.sample(rng, 4.0)
+        seen.add(s.flipped)
+        pair = [ch[41], ch[42]] if s.flipped else [ch[2], ch[3]]
+        assert sorted(np.flatnonzero(s.merged_mask.numpy()).tolist()) == sorted(pair)
+        assert not s.channel_mask[pair].any()
+    assert seen == {True, False}
+
+
 def test_loss_ignores_undefined_channels_and_rewards_the_truth():
     loss = HierarchicalLoss(TREE)
     rng = torch.Generator().manual_seed(0)

@@ -72,6 +72,7 @@ def finish_map(
     origin: str,
     t1: Companion | None = None,
     painted_only: tuple[tuple[int, ...], str] | None = None,
+    merged: tuple[tuple[tuple[int, ...], ...], str] | None = None,
 ) -> MapEntry:
     """Canonicalise, relabel, crop, check and write one map; return its manifest entry.
 
@@ -79,6 +80,10 @@ def finish_map(
     with the aseg protocol.  They stay in the map (the synthesiser paints them, so the images look
     right) but leave ``defined``, so the missing-label mechanism keeps them, their ancestors and
     the background out of the loss for this source.
+
+    ``merged`` = (groups of leaf aseg numbers, reason): the map labels each group's union reliably
+    but splits it by another protocol; the leaves leave ``defined`` and the groups are recorded, so
+    the loss learns the union and not the split.
     """
     if labels.ndim != 3:
         raise ValueError(f"{source}/{name}: expected a 3-D label map, got shape {labels.shape}")
@@ -101,6 +106,11 @@ def finish_map(
         leaves, entry.painted_only_reason = set(painted_only[0]), painted_only[1]
         entry.painted_only = [lab for lab in entry.defined if lab in leaves]
         entry.defined = [lab for lab in entry.defined if lab not in leaves]
+    if merged is not None:
+        groups, entry.merged_reason = merged
+        entry.merged = [sorted(int(lab) for lab in g) for g in groups]
+        grouped = {lab for g in entry.merged for lab in g}
+        entry.defined = [lab for lab in entry.defined if lab not in grouped]
     if t1 is not None:
         entry.t1 = f"{source}/{name}_t1.nii.gz"
         entry.t1_note = t1.note

@@ -40,6 +40,10 @@ class MapEntry:
     # images, left out of ``defined`` so the loss does not learn them (see ``common.finish_map``)
     painted_only: list[int] = field(default_factory=list)
     painted_only_reason: str = ""
+    # groups of leaves whose union the map labels but whose split follows another protocol: the
+    # loss learns the union (its parent node), not the split (``LabelTree.defined_nodes``)
+    merged: list[list[int]] = field(default_factory=list)
+    merged_reason: str = ""
 
 
 @dataclass
