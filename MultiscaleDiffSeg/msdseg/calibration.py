@@ -12,7 +12,7 @@ says why not on the model grid), over two kinds of data that are not held out, e
 weight:
 
 * *synthetic* whole-brain 1 mm cases drawn from the training label maps by the training generator
-  without its thick slices and cut fields of view (:func:`calibration_synth_config`), from maps
+  without its thick slices, cut fields of view and non-T1 contrasts (:func:`calibration_synth_config`), from maps
   lacking at most one leaf (voxels the model gives that leaf are not scored).  Contrast, bias,
   blur, noise and deformation keep their training ranges, broader than most real scans;
 * the *real* T1 images that come with a training label map (IBSR).  The network never saw these
@@ -205,14 +205,16 @@ def missing_leaves(channel_mask: np.ndarray) -> np.ndarray | None:
 
 
 def calibration_synth_config():
-    """The training generator's ranges for a whole-brain 1 mm scan, the input the presets are
-    calibrated for: no thick slices and no field of view that cuts the brain (those inputs are less
-    accurate, and a temperature fitted on them would under-state a clean scan's confidence)."""
+    """The training generator's ranges for a whole-brain 1 mm T1, the input the presets are
+    calibrated for: no thick slices, no field of view that cuts the brain, and always a T1-like
+    contrast (training also draws random contrasts, 30 % of cases, for robustness; those images
+    are harder than any T1 a user brings, and a temperature fitted on them under-states a T1's
+    confidence)."""
     from dataclasses import replace
 
     from .synth import SynthConfig
 
-    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0)
+    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0, t1_prior_prob=1.0)
 
 
 def real_training_cases(manifest: Path) -> list[dict[str, str]]:
@@ -243,7 +245,7 @@ def calibrate_model(
     block: dict[str, Any] = {
         "method": "temperature scaling of the averaged probabilities, softmax(log p / T), fitted on the "
                   "input grid (the interpolated uncertainty map against the input-grid labels)",
-        "fitted_on": (f"{n_cases} synthetic whole-brain {INPUT_MM:g} mm cases (no thick slices) from training "
+        "fitted_on": (f"{n_cases} synthetic whole-brain {INPUT_MM:g} mm T1-contrast cases (no thick slices) from training "
                       f"label maps lacking at most "
                       f"{MAX_MISSING_CLASSES} class (seed {seed})"
                       + (f" and the real T1 of {', '.join(c['name'] for c in real)}, half the weight each"

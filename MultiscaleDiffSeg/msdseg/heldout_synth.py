@@ -5,7 +5,7 @@ Why a second held-out score: the real held-out T1 (fsaverage) is a single image,
 the model knows about anatomy with how it reads that one blurred picture, and two models within
 about 0.01 Dice of each other cannot be ranked on it. Here the same held-out label map (never used
 in training) is drawn ``--cases`` times by the training generator — random deformation, contrast,
-bias field, noise and resolution, without thick slices or cut fields of view, as for calibration —
+bias field, noise and resolution, without thick slices or cut fields of view (:func:`render_config`) —
 and each render is segmented through the user's path (:func:`msdseg.inference.segment_image` on a
 1 mm image) and scored against the deformed map. Fixed seeds give every model the same renders, so
 the per-case differences between two models are paired. The distance between this score and the real
@@ -41,9 +41,18 @@ def _ras_image(array: np.ndarray, spacing_mm: float) -> sitk.Image:
     return img
 
 
+def render_config():
+    """The training generator's ranges without thick slices or cut fields of view, random contrasts
+    included: how well anatomy the model never saw is read across the contrasts it was trained on."""
+    from dataclasses import replace
+
+    from .synth import SynthConfig
+
+    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0)
+
+
 def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
     """(name, image, reference labels in aseg numbers) for ``n_cases`` renders of each held-out map."""
-    from .calibration import calibration_synth_config
     from .labels import load_tree
     from .synth import LabelSource, SyntheticGenerator
 
@@ -55,7 +64,7 @@ def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str,
     for m in maps:
         src = LabelSource.from_file(manifest.parent / m["path"], set(m["defined"]))
         src.name = m["name"]
-        gen = SyntheticGenerator([src], tree, calibration_synth_config())
+        gen = SyntheticGenerator([src], tree, render_config())
         rng = np.random.default_rng(seed)
         for k in range(n_cases):
             sample = gen.sample(rng, RENDER_MM)

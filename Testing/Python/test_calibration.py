@@ -143,18 +143,19 @@ def test_real_cases_leave_painted_only_leaves_unscored(tmp_path):
     assert cases[0]["unscored"] == [3, 42, 4, 5, 43, 44] and cases[1]["unscored"] == []
 
 
-def test_synthetic_cases_are_whole_brain_1mm_scans_from_nearly_complete_maps():
-    """The fit's synthetic part keeps the training ranges except thick slices and cut fields of
-    view, and takes maps lacking one leaf (SAMSEG has no CSF leaf) but not partial ones."""
+def test_synthetic_cases_are_whole_brain_1mm_t1_scans_from_nearly_complete_maps():
+    """The fit's synthetic part keeps the training ranges except thick slices, cut fields of view
+    and random contrasts, and takes maps lacking one leaf (SAMSEG has no CSF leaf) but not partial ones."""
     from dataclasses import asdict
 
     from msdseg.calibration import calibration_synth_config, missing_leaves
     from msdseg.synth import SynthConfig
 
     cal, train = asdict(calibration_synth_config()), asdict(SynthConfig())
-    assert cal["thick_slice_prob"] == 0.0 and cal["fov_prob"] == 0.0
-    assert {k: v for k, v in cal.items() if k not in ("thick_slice_prob", "fov_prob")} == \
-        {k: v for k, v in train.items() if k not in ("thick_slice_prob", "fov_prob")}
+    changed = ("thick_slice_prob", "fov_prob", "t1_prior_prob")
+    assert cal["thick_slice_prob"] == 0.0 and cal["fov_prob"] == 0.0 and cal["t1_prior_prob"] == 1.0
+    assert train["t1_prior_prob"] < 1.0  # training does draw random contrasts
+    assert {k: v for k, v in cal.items() if k not in changed} == {k: v for k, v in train.items() if k not in changed}
     complete = np.ones(33, bool)
     assert not missing_leaves(complete).any()
     no_csf = complete.copy()

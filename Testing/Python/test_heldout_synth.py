@@ -79,3 +79,14 @@ def test_a_model_is_scored_end_to_end_on_one_render(tmp_path, untrained_model):
     assert 0.0 <= res["summary"]["dice_mean"] <= 1.0
     with pytest.raises(InputError, match="at least 1"):
         evaluate_synthetic(untrained_model, _manifest(tmp_path), out, n_cases=0)
+
+
+def test_renders_keep_the_training_contrasts_but_not_thick_slices_or_cuts():
+    from dataclasses import asdict
+
+    from msdseg.heldout_synth import render_config
+    from msdseg.synth import SynthConfig
+
+    cfg, train = asdict(render_config()), asdict(SynthConfig())
+    assert cfg["thick_slice_prob"] == 0.0 and cfg["fov_prob"] == 0.0
+    assert cfg["t1_prior_prob"] == train["t1_prior_prob"] < 1.0
