@@ -210,11 +210,9 @@ def calibration_synth_config():
     contrast (training also draws random contrasts, 30 % of cases, for robustness; those images
     are harder than any T1 a user brings, and a temperature fitted on them under-states a T1's
     confidence)."""
-    from dataclasses import replace
-
     from .synth import SynthConfig
 
-    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0, t1_prior_prob=1.0)
+    return SynthConfig().whole_brain_scan(t1_prior_prob=1.0)
 
 
 def real_training_cases(manifest: Path) -> list[dict[str, str]]:

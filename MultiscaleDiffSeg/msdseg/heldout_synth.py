@@ -27,28 +27,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import ModelGrid
+from .io import image_from_ras_affine
 from .synth import IGNORE
 
 RENDER_MM = 1.0
 
 
-def _ras_image(array: np.ndarray, spacing_mm: float) -> sitk.Image:
-    """A (X, Y, Z) RAS-indexed array as a SimpleITK image (LPS physical space, like a file)."""
-    ref = ModelGrid((0.0, 0.0, 0.0), spacing_mm, tuple(int(s) for s in array.shape)).reference_image()
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    img.CopyInformation(ref)
-    return img
-
-
 def render_config():
     """The training generator's ranges without thick slices or cut fields of view, random contrasts
     included: how well anatomy the model never saw is read across the contrasts it was trained on."""
-    from dataclasses import replace
-
     from .synth import SynthConfig
 
-    return replace(SynthConfig(), thick_slice_prob=0.0, fov_prob=0.0)
+    return SynthConfig().whole_brain_scan()
 
 
 def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
@@ -72,8 +62,10 @@ def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str,
             # voxels of none of our classes (vessels, chiasm: 255 in the map) keep that number, so
             # they are scored exactly as on the real held-out T1
             labels[sample.weight[0].numpy() <= 0] = IGNORE
-            yield (f"{m['name']}_synth{k}", _ras_image(sample.image[0].numpy(), RENDER_MM),
-                   _ras_image(labels.astype(np.int16), RENDER_MM))
+            # the generator's grid is RAS-aligned at RENDER_MM; where it sits does not matter here
+            affine = np.diag([RENDER_MM, RENDER_MM, RENDER_MM, 1.0])
+            yield (f"{m['name']}_synth{k}", image_from_ras_affine(sample.image[0].numpy(), affine),
+                   image_from_ras_affine(labels.astype(np.int16), affine))
 
 
 def evaluate_synthetic(

@@ -226,19 +226,18 @@ class LabelTree:
         counts as labelled for every node that contains the whole group, and for background: its
         voxels are labelled, just not split our way.
         """
-        present = set(int(c) for c in present_channels)
-        leaf_ids = {n.id for n in self.leaves if self.leaf_channel[n.id] in present}
-        covered = set(leaf_ids)
-        groups = [{n.id for n in self.leaves if self.leaf_channel[n.id] in set(int(c) for c in g)} for g in merged]
+        def ids(channels: Iterable[int]) -> set[str]:
+            wanted = {int(c) for c in channels}
+            return {n.id for n in self.leaves if self.leaf_channel[n.id] in wanted}
+
+        leaf_ids = ids(present_channels)
+        groups = [ids(g) for g in merged]
         out = set(leaf_ids)
         for node in self.internal:
             leaves = {leaf.id for leaf in self.descendant_leaves(node.id)}
-            inside = set().union(*(g for g in groups if g <= leaves)) if groups else set()
-            if leaves <= leaf_ids | inside:
+            if leaves <= leaf_ids.union(*(g for g in groups if g <= leaves)):
                 out.add(node.id)
-        for g in groups:
-            covered |= g
-        if len(covered) == len(self.leaves):
+        if len(leaf_ids.union(*groups)) == len(self.leaves):
             out.add("background")
         return out
 

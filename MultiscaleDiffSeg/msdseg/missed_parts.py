@@ -16,11 +16,12 @@ import json
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .evaluate import _as_image, same_grid
+from .evaluate import same_grid
+from .geometry import to_ras_array
+from .io import ras_affine, read_image, squeeze_to_3d
 
 
 def missed_parts(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, label: int,
@@ -43,16 +44,6 @@ def missed_parts(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, label: i
     return sorted(out, key=lambda p: -p["voxels"])
 
 
-def _ras_array(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Array indexed (i, j, k) and the index -> RAS affine of a SimpleITK image."""
-    arr = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)).astype(np.int64)
-    direction = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    lps = np.eye(4)
-    lps[:3, :3] = direction
-    lps[:3, 3] = image.GetOrigin()
-    return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m msdseg.missed_parts", description=__doc__.split("\n\n")[0])
     p.add_argument("pred")
@@ -62,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        pred_img, ref_img = _as_image(args.pred), _as_image(args.ref)
+        pred_img, ref_img = (squeeze_to_3d(read_image(p, validate=False)) for p in (args.pred, args.ref))
         if not same_grid(pred_img, ref_img):
             raise InputError("prediction and reference must share one grid (segment the reference's T1)")
     except InputError as exc:
         print(f"error: {exc}")
         return 2
-    pred, _ = _ras_array(pred_img)
-    ref, affine = _ras_array(ref_img)
+    pred, ref = (to_ras_array(img).astype(np.int64) for img in (pred_img, ref_img))
+    affine = ras_affine(ref_img)
     result = {lab: missed_parts(pred, ref, affine, lab, args.min_voxels) for lab in args.labels}
     if args.json:
         print(json.dumps(result, indent=1))

@@ -54,8 +54,6 @@ def _axes_of(name: str, old: ModelConfig, new: ModelConfig) -> tuple[Segments, S
         return [(old.image_channels_per_depth[d], new.image_channels_per_depth[d])]
 
     n_cls = _fixed(old.n_classes)
-    if parts[0] == "time_mlp":
-        return _fixed(old.time_dim), _fixed(old.time_dim)
     if parts[0] == "image_encoder":
         kind, d = parts[1], int(parts[2])
         if kind == "entries":
@@ -89,7 +87,7 @@ def _block_axes(rest: list[str], cin: Segments, cout: Segments, time_dim: int | 
         return cout, None
     if layer == "conv1":
         return cout, cin
-    if layer in ("conv2",):
+    if layer == "conv2":
         return cout, cout
     if layer == "skip":
         return cout, cin

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,11 @@ class SynthConfig:
     shell_prob: float = 0.6
     fov_prob: float = 0.2  # share of cases scanned with a field of view that cuts the brain
     fov_cut_max: float = 0.3  # largest share of the brain's extent a cut removes
+
+    def whole_brain_scan(self, **changes) -> "SynthConfig":
+        """These ranges without thick slices or a field of view that cuts the brain: the clean
+        whole-brain scan that calibration and the synthetic held-out score draw (plus ``changes``)."""
+        return replace(self, thick_slice_prob=0.0, fov_prob=0.0, **changes)
 
 
 @dataclass

@@ -213,16 +213,19 @@ def test_finish_map_writes_ras_uint16_and_entry(tmp_path: Path):
     np.testing.assert_array_equal(np.asarray(t1_img.dataobj), data.astype(np.uint8) * 2)
 
 
+def _finish_toy(tmp_path: Path, **kwargs):
+    """The 30 mm toy map (thalami 10 / 49) through ``finish_map`` with extra keyword arguments."""
+    aff = axis_affine("RAS", (30, 30, 30))
+    return common.finish_map(common.Context(tmp_path, TREE), source="toy", name="case",
+                             labels=sampled(aff, (30, 30, 30)), affine=aff,
+                             relabel=lambda a: labelmap.map_freesurfer(a, TREE), role="train",
+                             licence="MIT", licence_files=[], origin="toy", **kwargs)
+
+
 def test_painted_only_leaves_stay_in_the_map_but_leave_the_loss(tmp_path: Path):
     """A source whose left thalamus followed another protocol: still painted, no longer learnt,
     and with one leaf undefined the background and its ancestors are undefined too."""
-    aff = axis_affine("RAS", (30, 30, 30))
-    labels = sampled(aff, (30, 30, 30))
-    ctx = common.Context(tmp_path, TREE)
-    entry = common.finish_map(ctx, source="toy", name="case", labels=labels, affine=aff,
-                              relabel=lambda a: labelmap.map_freesurfer(a, TREE), role="train",
-                              licence="MIT", licence_files=[], origin="toy",
-                              painted_only=((10, 3), "another protocol"))
+    entry = _finish_toy(tmp_path, painted_only=((10, 3), "another protocol"))
     assert entry.defined == [49] and entry.painted_only == [10]  # 3 is absent: not listed
     assert entry.painted_only_reason == "another protocol"
     data = np.asarray(nib.load(tmp_path / entry.path).dataobj)
@@ -234,13 +237,7 @@ def test_painted_only_leaves_stay_in_the_map_but_leave_the_loss(tmp_path: Path):
 def test_merged_groups_leave_defined_and_are_recorded_whole(tmp_path: Path):
     """A source that splits a group by another protocol: its leaves leave ``defined`` (even a member
     the map happens not to contain) and the group is kept for the loss to learn as a union."""
-    aff = axis_affine("RAS", (30, 30, 30))
-    labels = sampled(aff, (30, 30, 30))
-    ctx = common.Context(tmp_path, TREE)
-    entry = common.finish_map(ctx, source="toy", name="case", labels=labels, affine=aff,
-                              relabel=lambda a: labelmap.map_freesurfer(a, TREE), role="train",
-                              licence="MIT", licence_files=[], origin="toy",
-                              merged=(((49, 3),), "split differently"))
+    entry = _finish_toy(tmp_path, merged=(((49, 3),), "split differently"))
     assert entry.defined == [10] and entry.merged == [[3, 49]] and entry.merged_reason == "split differently"
 
 
