@@ -42,6 +42,66 @@ _T1_MEANS = {
 }
 
 
+#: cerebrospinal fluid spaces inside the brain that :func:`resize_ventricles` grows or shrinks
+VENTRICLES = (4, 43, 5, 44, 14)
+#: tissue that gives way to them (and fills them when they shrink): white matter, the nuclei that
+#: line the ventricles, hippocampus/amygdala (temporal horns), choroid plexus, other CSF
+VENTRICLE_NEIGHBOURS = (2, 41, 10, 49, 11, 50, 17, 53, 18, 54, 28, 60, 31, 63, 24, GEN_UNLABELLED_BRAIN)
+
+
+def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float, rng: np.random.Generator) -> torch.Tensor:
+    """Ventricles grown (``change_mm`` > 0) or shrunk by about ``|change_mm|``, one voxel layer at a time.
+
+    Why: the complete real-anatomy training maps (cvs_avg35, IBSR) have small ventricles (lateral
+    ventricles 19 mL against 35-43 mL in SAMSEG's atlas and fsaverage) and the large caudate and
+    thalamus that go with them, and a model trained on them over-segments the nuclei and
+    under-segments the ventricles of a larger-ventricle brain (docs/model_card.md, session 8).
+    Ventricle size varies several-fold between healthy adults and more with age and atrophy, so
+    the generator varies it.  Growth takes only :data:`VENTRICLE_NEIGHBOURS` (never cortex,
+    putamen, pallidum or background); a shrinking ventricle's rim takes a neighbouring tissue's
+    label.  Where several candidates touch a voxel a random per-call priority decides.
+    """
+    layers = int(round(abs(change_mm) / spacing_mm))
+    if layers == 0:
+        return labels
+    top = int(labels.max()) + 1
+    vent = torch.zeros(top, dtype=torch.bool)
+    near = torch.zeros(top, dtype=torch.bool)
+    for lab in VENTRICLES:
+        if lab < top:
+            vent[lab] = True
+    for lab in VENTRICLE_NEIGHBOURS:
+        if lab < top:
+            near[lab] = True
+    if not vent[labels.long()].any():
+        return labels
+    # random priorities (1..top) decide between candidate labels; 0 means "no candidate"
+    priority = torch.from_numpy(rng.permutation(top).astype(np.float32) + 1.0)
+    by_priority = torch.empty(top + 1, dtype=labels.dtype)
+    by_priority[priority.long()] = torch.arange(top, dtype=labels.dtype)
+    # work inside the ventricles' bounding box (plus the layers to add): a tenth of the volume
+    idx = torch.nonzero(vent[labels.long()])
+    lo = (idx.min(0).values - layers - 1).clamp_min(0).tolist()
+    hi = (idx.max(0).values + layers + 2).tolist()
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    part = labels[box].clone()
+    for _ in range(layers):
+        li = part.long()
+        is_vent, is_near = vent[li], near[li]
+        donor = is_vent if change_mm > 0 else is_near  # whose labels spread
+        taker = is_near if change_mm > 0 else is_vent  # which voxels change
+        code = torch.where(donor, priority[li], torch.zeros(()))[None, None]
+        # the 6-neighbourhood (a face-connected layer is about one voxel thick in every direction)
+        best = torch.maximum(torch.maximum(F.max_pool3d(code, (3, 1, 1), 1, (1, 0, 0)),
+                                           F.max_pool3d(code, (1, 3, 1), 1, (0, 1, 0))),
+                             F.max_pool3d(code, (1, 1, 3), 1, (0, 0, 1)))[0, 0]
+        change = taker & (best > 0)
+        part = torch.where(change, by_priority[best.long()], part)
+    out = labels.clone()
+    out[box] = part
+    return out
+
+
 @dataclass
 class SynthConfig:
     """Ranges of the random generator (defaults follow SynthSeg's spirit, tuned for T1)."""
@@ -65,6 +125,9 @@ class SynthConfig:
     shell_prob: float = 0.6
     fov_prob: float = 0.2  # share of cases scanned with a field of view that cuts the brain
     fov_cut_max: float = 0.3  # largest share of the brain's extent a cut removes
+    # share of cases whose ventricles grow or shrink (0 keeps the random stream of older runs)
+    ventricle_change_prob: float = 0.0
+    ventricle_change_mm: tuple[float, float] = (-1.5, 3.5)  # uniform; > 0 grows
 
     def whole_brain_scan(self, **changes) -> "SynthConfig":
         """These ranges without thick slices or a field of view that cuts the brain: the clean
@@ -210,6 +273,8 @@ class SyntheticGenerator:
         labels = torch.from_numpy(src.classes)[cls_idx.long()]
         if flip:
             labels = self._swap_sides(labels)
+        if self.cfg.ventricle_change_prob > 0 and rng.random() < self.cfg.ventricle_change_prob:
+            labels = resize_ventricles(labels, rng.uniform(*self.cfg.ventricle_change_mm), gen_grid.spacing_mm, rng)
         if dist is not None and rng.random() < self.cfg.shell_prob:
             labels = self._add_shells(rng, labels, dist)
         image = self._paint(rng, labels, gen_grid.spacing_mm)

@@ -43,6 +43,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widen", default=None, metavar="C1,C2,...",
                    help="grow the --init model to these channels per depth (whole multiples of its "
                         "own), starting from its exact outputs; see msdseg/model_widen.py")
+    p.add_argument("--ventricle-change", type=float, default=0.0, metavar="PROB",
+                   help="share of cases whose ventricles grow or shrink by up to a few mm "
+                        "(msdseg.synth.resize_ventricles); 0 keeps earlier runs' random stream")
 
 
 def load_sources(manifest_path: Path, only: list[str] | None = None):
@@ -87,9 +90,11 @@ def run_training(args: argparse.Namespace) -> int:
     import torch
 
     from .labels import load_tree
-    from .synth import SyntheticGenerator
+    from .synth import SynthConfig, SyntheticGenerator
     from .training import TrainConfig, Trainer, TrainMode, synthetic_sample_fn
 
+    if not 0.0 <= args.ventricle_change <= 1.0:
+        raise InputError(f"--ventricle-change {args.ventricle_change}: give a share between 0 and 1")
     tree = load_tree()
     if args.export:
         from .training import export_checkpoint
@@ -115,9 +120,12 @@ def run_training(args: argparse.Namespace) -> int:
             cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+    synth_cfg = SynthConfig(ventricle_change_prob=args.ventricle_change)
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
-                     "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
-    trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree)), metadata=meta)
+                     "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})},
+            "generator": {"ventricle_change_prob": synth_cfg.ventricle_change_prob,
+                          "ventricle_change_mm": list(synth_cfg.ventricle_change_mm)}}
+    trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree, synth_cfg)), metadata=meta)
     print(f"training from step {trainer.step} on {len(sources)} maps; log: {Path(args.out) / 'train_log.csv'}", flush=True)
     step = trainer.run()
     print(f"stopped at step {step}", flush=True)
