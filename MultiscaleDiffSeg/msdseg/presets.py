@@ -8,11 +8,11 @@ from __future__ import annotations
 #: entry spacing (mm), DDIM steps, samples, mirrored samples; optionally ``refine_mm`` (finish
 #: coarse to fine at that spacing), ``refine_start`` (the schedule step the fine chains start at,
 #: default the last) and ``refine_samples`` (default 1).  ``steps=0`` means one deterministic pass.
-#: ``accurate`` stays at 2 mm: the shipped model's 1 mm head is not a refining head and scores
-#: 0.41 mean Dice on the held-out T1; a candidate with a refining 1 mm head (model card, stage 3)
-#: scored 0.795 when it finished the balanced ensemble at 1 mm, against 0.801 unrefined.  8 DDIM
-#: steps were no better than 4.  ``--refine 1`` tries it; give a preset ``refine_mm`` once a
-#: model's refinement beats its coarse answer.
+#: ``accurate`` stays at 2 mm: the shipped model's 1 mm head refines the 2 mm answer, but finishing
+#: the balanced ensemble at 1 mm scored 0.802 mean Dice on the held-out T1 against 0.807 unrefined
+#: (its run at step 3,691; the stage-3 candidate: 0.795 against 0.801).  8 DDIM steps were no
+#: better than 4.  ``--refine 1`` tries it; give a preset ``refine_mm`` once a model's refinement
+#: beats its coarse answer.
 PRESETS: dict[str, dict[str, float | int | bool]] = {
     "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1, "mirror": False},
     "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2, "mirror": True},
