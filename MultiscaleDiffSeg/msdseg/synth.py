@@ -67,20 +67,16 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     top = int(labels.max()) + 1
     vent = torch.zeros(top, dtype=torch.bool)
     near = torch.zeros(top, dtype=torch.bool)
-    for lab in VENTRICLES:
-        if lab < top:
-            vent[lab] = True
-    for lab in VENTRICLE_NEIGHBOURS:
-        if lab < top:
-            near[lab] = True
-    if not vent[labels.long()].any():
+    vent[[lab for lab in VENTRICLES if lab < top]] = True
+    near[[lab for lab in VENTRICLE_NEIGHBOURS if lab < top]] = True
+    idx = torch.nonzero(vent[labels.long()])
+    if idx.numel() == 0:
         return labels
     # random priorities (1..top) decide between candidate labels; 0 means "no candidate"
     priority = torch.from_numpy(rng.permutation(top).astype(np.float32) + 1.0)
     by_priority = torch.empty(top + 1, dtype=labels.dtype)
     by_priority[priority.long()] = torch.arange(top, dtype=labels.dtype)
     # work inside the ventricles' bounding box (plus the layers to add): a tenth of the volume
-    idx = torch.nonzero(vent[labels.long()])
     lo = (idx.min(0).values - layers - 1).clamp_min(0).tolist()
     hi = (idx.max(0).values + layers + 2).tolist()
     box = tuple(slice(a, b) for a, b in zip(lo, hi))

@@ -122,9 +122,7 @@ def run_training(args: argparse.Namespace) -> int:
             raise InputError(str(exc)) from None
     synth_cfg = SynthConfig(ventricle_change_prob=args.ventricle_change)
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
-                     "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})},
-            "generator": {"ventricle_change_prob": synth_cfg.ventricle_change_prob,
-                          "ventricle_change_mm": list(synth_cfg.ventricle_change_mm)}}
+                     "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree, synth_cfg)), metadata=meta)
     print(f"training from step {trainer.step} on {len(sources)} maps; log: {Path(args.out) / 'train_log.csv'}", flush=True)
     step = trainer.run()
