@@ -49,6 +49,42 @@ VENTRICLES = (4, 43, 5, 44, 14)
 VENTRICLE_NEIGHBOURS = (2, 41, 10, 49, 11, 50, 17, 53, 18, 54, 28, 60, 31, 63, 24, GEN_UNLABELLED_BRAIN)
 
 
+def _spread_layers(part: torch.Tensor, donor: torch.Tensor, taker: torch.Tensor, layers: int,
+                   rng: np.random.Generator, keep_layer=None) -> torch.Tensor:
+    """``layers`` face-connected layers of the ``donor`` labels spread into ``taker`` voxels.
+
+    ``donor`` and ``taker`` are boolean lookup tables over label numbers.  Where several donor
+    labels touch a voxel, a random per-call priority decides which one it takes.  ``keep_layer(k)``
+    (optional) returns a boolean mask of where layer ``k`` may be added, for thickness that varies
+    from region to region.
+    """
+    top = donor.numel()
+    # random priorities (1..top) decide between candidate labels; 0 means "no candidate"
+    priority = torch.from_numpy(rng.permutation(top).astype(np.float32) + 1.0)
+    by_priority = torch.empty(top + 1, dtype=part.dtype)
+    by_priority[priority.long()] = torch.arange(top, dtype=part.dtype)
+    for k in range(layers):
+        li = part.long()
+        code = torch.where(donor[li], priority[li], torch.zeros(()))[None, None]
+        # the 6-neighbourhood (a face-connected layer is about one voxel thick in every direction)
+        best = torch.maximum(torch.maximum(F.max_pool3d(code, (3, 1, 1), 1, (1, 0, 0)),
+                                           F.max_pool3d(code, (1, 3, 1), 1, (0, 1, 0))),
+                             F.max_pool3d(code, (1, 1, 3), 1, (0, 0, 1)))[0, 0]
+        change = taker[li] & (best > 0)
+        if keep_layer is not None:
+            change = change & keep_layer(k)
+        part = torch.where(change, by_priority[best.long()], part)
+    return part
+
+
+def _lookup(labels: torch.Tensor, members) -> torch.Tensor:
+    """Boolean table over the label numbers of ``labels``: True for ``members``."""
+    top = int(labels.max()) + 1
+    table = torch.zeros(top, dtype=torch.bool)
+    table[[lab for lab in members if lab < top]] = True
+    return table
+
+
 def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float, rng: np.random.Generator) -> torch.Tensor:
     """Ventricles grown (``change_mm`` > 0) or shrunk by about ``|change_mm|``, one voxel layer at a time.
 
@@ -64,35 +100,65 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     layers = int(round(abs(change_mm) / spacing_mm))
     if layers == 0:
         return labels
-    top = int(labels.max()) + 1
-    vent = torch.zeros(top, dtype=torch.bool)
-    near = torch.zeros(top, dtype=torch.bool)
-    vent[[lab for lab in VENTRICLES if lab < top]] = True
-    near[[lab for lab in VENTRICLE_NEIGHBOURS if lab < top]] = True
+    vent, near = _lookup(labels, VENTRICLES), _lookup(labels, VENTRICLE_NEIGHBOURS)
     idx = torch.nonzero(vent[labels.long()])
     if idx.numel() == 0:
         return labels
-    # random priorities (1..top) decide between candidate labels; 0 means "no candidate"
-    priority = torch.from_numpy(rng.permutation(top).astype(np.float32) + 1.0)
-    by_priority = torch.empty(top + 1, dtype=labels.dtype)
-    by_priority[priority.long()] = torch.arange(top, dtype=labels.dtype)
     # work inside the ventricles' bounding box (plus the layers to add): a tenth of the volume
     lo = (idx.min(0).values - layers - 1).clamp_min(0).tolist()
     hi = (idx.max(0).values + layers + 2).tolist()
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grow = change_mm > 0
+    out = labels.clone()
+    out[box] = _spread_layers(labels[box], vent if grow else near, near if grow else vent, layers, rng)
+    return out
+
+
+#: deep grey nuclei that :func:`resize_nuclei` grows or shrinks, as (left, right, same-side white
+#: matter): thalamus, caudate, putamen, pallidum, accumbens area, ventral diencephalon
+NUCLEI = ((10, 49), (11, 50), (12, 51), (13, 52), (26, 58), (28, 60))
+_WHITE_MATTER = (2, 41)
+
+
+def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm: float,
+                  rng: np.random.Generator) -> torch.Tensor:
+    """Each nucleus pair in ``change_mm`` (keyed by the left label of :data:`NUCLEI`) grown into
+    its own side's white matter (> 0) or shrunk back into it (< 0) by about ``|change_mm|``.
+
+    Why: on renders of the held-out labels, where every structure has its own clear intensity,
+    the model still makes thalamus, pallidum, accumbens, ventral DC and caudate 10-38 % too large
+    (docs/model_card.md, session 9): a size prior learned from the complete training maps, whose
+    nuclei are large (cvs_avg35 thalamus 11 mL and caudate 5.1 mL per side; healthy adults' are
+    nearer 7-8 mL and 3.5-4 mL in FreeSurfer's measurements).  Nucleus size varies between people
+    and shrinks with age, and the contrast between most nuclei and white matter in T1 is weak, so
+    a model that has seen only a few sizes answers with its prior.  Whole voxel layers are
+    added or removed; a fractional last layer goes only where a smooth random field allows, so
+    the change is continuous on average and uneven along the surface.  Shrinking hands the rim to
+    the white matter it touches (a rim that touches only another nucleus or a ventricle stays).
+    """
+    amounts = {left: abs(mm) / spacing_mm for left, mm in change_mm.items()}
+    most = max([int(math.ceil(a - 1e-6)) for a in amounts.values()] + [0])
+    chosen = [pair for pair in NUCLEI if amounts.get(pair[0], 0.0) > 1e-6]
+    idx = torch.nonzero(_lookup(labels, [lab for pair in chosen for lab in pair])[labels.long()]) if chosen else None
+    if idx is None or idx.numel() == 0:
+        return labels
+    # the nuclei sit together in the middle of the brain: work inside their joint bounding box
+    lo = (idx.min(0).values - most - 1).clamp_min(0).tolist()
+    hi = (idx.max(0).values + most + 2).tolist()
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
     part = labels[box].clone()
-    for _ in range(layers):
-        li = part.long()
-        is_vent, is_near = vent[li], near[li]
-        donor = is_vent if change_mm > 0 else is_near  # whose labels spread
-        taker = is_near if change_mm > 0 else is_vent  # which voxels change
-        code = torch.where(donor, priority[li], torch.zeros(()))[None, None]
-        # the 6-neighbourhood (a face-connected layer is about one voxel thick in every direction)
-        best = torch.maximum(torch.maximum(F.max_pool3d(code, (3, 1, 1), 1, (1, 0, 0)),
-                                           F.max_pool3d(code, (1, 3, 1), 1, (0, 1, 0))),
-                             F.max_pool3d(code, (1, 1, 3), 1, (0, 0, 1)))[0, 0]
-        change = taker & (best > 0)
-        part = torch.where(change, by_priority[best.long()], part)
+    brain_fill = (GEN_UNLABELLED_BRAIN,)  # partial maps' unlabelled brain stands in for white matter
+    for left, right in chosen:
+        amount = amounts[left]
+        layers = int(math.ceil(amount - 1e-6))
+        for nucleus, white in ((left, _WHITE_MATTER[0]), (right, _WHITE_MATTER[1])):
+            nuc, wm = _lookup(part, (nucleus,)), _lookup(part, (white,) + brain_fill)
+            coarse = torch.from_numpy(rng.random((1, 1, 4, 4, 4)).astype(np.float32))
+            field = F.interpolate(coarse, size=tuple(part.shape), mode="trilinear", align_corners=True)[0, 0]
+            field = (field - field.min()) / (field.max() - field.min() + 1e-6)
+            grow = change_mm[left] > 0
+            part = _spread_layers(part, nuc if grow else wm, wm if grow else nuc, layers, rng,
+                                  lambda k, field=field, amount=amount: field < (amount - k))
     out = labels.clone()
     out[box] = part
     return out
@@ -124,6 +190,10 @@ class SynthConfig:
     # share of cases whose ventricles grow or shrink (0 keeps the random stream of older runs)
     ventricle_change_prob: float = 0.0
     ventricle_change_mm: tuple[float, float] = (-1.5, 3.5)  # uniform; > 0 grows
+    # share of cases whose deep grey nuclei change size, each pair with this probability again
+    # (0 keeps the random stream of older runs)
+    nuclei_change_prob: float = 0.0
+    nuclei_change_mm: tuple[float, float] = (-1.5, 1.0)  # uniform per pair; > 0 grows
 
     def whole_brain_scan(self, **changes) -> "SynthConfig":
         """These ranges without thick slices or a field of view that cuts the brain: the clean
@@ -271,6 +341,10 @@ class SyntheticGenerator:
             labels = self._swap_sides(labels)
         if self.cfg.ventricle_change_prob > 0 and rng.random() < self.cfg.ventricle_change_prob:
             labels = resize_ventricles(labels, rng.uniform(*self.cfg.ventricle_change_mm), gen_grid.spacing_mm, rng)
+        if self.cfg.nuclei_change_prob > 0 and rng.random() < self.cfg.nuclei_change_prob:
+            changes = {left: rng.uniform(*self.cfg.nuclei_change_mm) for left, _ in NUCLEI
+                       if rng.random() < self.cfg.nuclei_change_prob}
+            labels = resize_nuclei(labels, changes, gen_grid.spacing_mm, rng)
         if dist is not None and rng.random() < self.cfg.shell_prob:
             labels = self._add_shells(rng, labels, dist)
         image = self._paint(rng, labels, gen_grid.spacing_mm)
