@@ -85,6 +85,13 @@ def _lookup(labels: torch.Tensor, members) -> torch.Tensor:
     return table
 
 
+def _box_around(idx: torch.Tensor, margin: int) -> tuple[slice, ...]:
+    """Bounding box of the voxel indices ``idx`` (N, 3), widened by ``margin`` voxels."""
+    lo = (idx.min(0).values - margin).clamp_min(0).tolist()
+    hi = (idx.max(0).values + margin + 1).tolist()
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
 def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float, rng: np.random.Generator) -> torch.Tensor:
     """Ventricles grown (``change_mm`` > 0) or shrunk by about ``|change_mm|``, one voxel layer at a time.
 
@@ -105,9 +112,7 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     if idx.numel() == 0:
         return labels
     # work inside the ventricles' bounding box (plus the layers to add): a tenth of the volume
-    lo = (idx.min(0).values - layers - 1).clamp_min(0).tolist()
-    hi = (idx.max(0).values + layers + 2).tolist()
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = _box_around(idx, layers + 1)
     grow = change_mm > 0
     out = labels.clone()
     out[box] = _spread_layers(labels[box], vent if grow else near, near if grow else vent, layers, rng)
@@ -143,9 +148,7 @@ def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm:
     if idx is None or idx.numel() == 0:
         return labels
     # the nuclei sit together in the middle of the brain: work inside their joint bounding box
-    lo = (idx.min(0).values - most - 1).clamp_min(0).tolist()
-    hi = (idx.max(0).values + most + 2).tolist()
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = _box_around(idx, most + 1)
     part = labels[box].clone()
     brain_fill = (GEN_UNLABELLED_BRAIN,)  # partial maps' unlabelled brain stands in for white matter
     for left, right in chosen:
