@@ -24,6 +24,16 @@ from .geometry import to_ras_array
 from .io import ras_affine, read_image, squeeze_to_3d
 
 
+def read_label_pair(pred_path: str, ref_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted and reference label maps (RAS voxel order, int64) and the RAS affine of their one
+    grid; an :class:`InputError` if the grids differ (the diagnostics compare voxel by voxel)."""
+    pred_img, ref_img = (squeeze_to_3d(read_image(p, validate=False)) for p in (pred_path, ref_path))
+    if not same_grid(pred_img, ref_img):
+        raise InputError("prediction and reference must share one grid (segment the reference's T1)")
+    pred, ref = (to_ras_array(img).astype(np.int64) for img in (pred_img, ref_img))
+    return pred, ref, ras_affine(ref_img)
+
+
 def missed_parts(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, label: int,
                  min_voxels: int = 50) -> list[dict[str, Any]]:
     """Per connected part (face neighbours, so parts touching only at an edge or corner stay apart;
@@ -53,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        pred_img, ref_img = (squeeze_to_3d(read_image(p, validate=False)) for p in (args.pred, args.ref))
-        if not same_grid(pred_img, ref_img):
-            raise InputError("prediction and reference must share one grid (segment the reference's T1)")
+        pred, ref, affine = read_label_pair(args.pred, args.ref)
     except InputError as exc:
         print(f"error: {exc}")
         return 2
-    pred, ref = (to_ras_array(img).astype(np.int64) for img in (pred_img, ref_img))
-    affine = ras_affine(ref_img)
     result = {lab: missed_parts(pred, ref, affine, lab, args.min_voxels) for lab in args.labels}
     if args.json:
         print(json.dumps(result, indent=1))
