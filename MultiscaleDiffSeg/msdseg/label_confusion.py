@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in label_rows(labels, matrix, args.top):
         if row["label"] not in wanted:
             continue
-        extra = ", ".join(f"{k}: {v:.1f}" for k, v in row["extra_from"].items()) or "-"
-        missing = ", ".join(f"{k}: {v:.1f}" for k, v in row["missing_to"].items()) or "-"
-        print(f"label {row['label']:5d}: agree {row['true_ml']:.1f} mL; extra {row['extra_ml']:.1f} mL "
-              f"(reference said {extra}); missing {row['missing_ml']:.1f} mL (predicted {missing})")
+        extra = ", ".join(f"{k}: {v:.2f}" for k, v in row["extra_from"].items()) or "-"
+        missing = ", ".join(f"{k}: {v:.2f}" for k, v in row["missing_to"].items()) or "-"
+        print(f"label {row['label']:5d}: agree {row['true_ml']:.2f} mL; extra {row['extra_ml']:.2f} mL "
+              f"(reference said {extra}); missing {row['missing_ml']:.2f} mL (predicted {missing})")
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)

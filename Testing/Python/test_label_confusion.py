@@ -36,7 +36,7 @@ def test_command_prints_writes_csv_and_refuses_different_grids(tmp_path, capsys)
         nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
     assert main([str(tmp_path / "p.nii.gz"), str(tmp_path / "r.nii.gz"), "--labels", "2", "--csv", str(tmp_path / "m.csv")]) == 0
     out = capsys.readouterr().out
-    assert out.count("label") == 1 and "extra 0.7 mL (reference said 3: 0.7)" in out
+    assert out.count("label") == 1 and "extra 0.73 mL (reference said 3: 0.73)" in out
     rows = list(csv.reader(open(tmp_path / "m.csv")))
     assert rows[0][1:] == ["0", "2", "3", "4"] and float(rows[2][3]) == 0.728
     assert main([str(tmp_path / "p.nii.gz"), str(tmp_path / "small.nii.gz")]) == 2
