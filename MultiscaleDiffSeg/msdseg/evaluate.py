@@ -120,6 +120,20 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
+def read_label_pair(pred: str | os.PathLike, ref: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted and reference label maps (RAS voxel order, int64) and the RAS affine of their one
+    grid, for diagnostics that compare voxel by voxel; an ``InputError`` if the grids differ."""
+    from .errors import InputError
+    from .geometry import to_ras_array
+    from .io import ras_affine
+
+    pred_img, ref_img = _as_image(pred), _as_image(ref)
+    if not same_grid(pred_img, ref_img):
+        raise InputError("prediction and reference must share one grid (segment the reference's T1)")
+    pred_arr, ref_arr = (to_ras_array(img).astype(np.int64) for img in (pred_img, ref_img))
+    return pred_arr, ref_arr, ras_affine(ref_img)
+
+
 def _resample(image: sitk.Image, reference: sitk.Image, nearest: bool) -> sitk.Image:
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     return sitk.Resample(image, reference, sitk.Transform(), interp, 0.0, image.GetPixelID())

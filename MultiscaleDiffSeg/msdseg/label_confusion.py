@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .missed_parts import read_label_pair
+from .evaluate import read_label_pair
 
 
 def confusion_ml(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> tuple[list[int], np.ndarray]:
@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, help="also write the full matrix (mL) as CSV")
     args = p.parse_args(argv)
     try:
-        pred, ref, affine = read_label_pair(args.pred, args.ref)
+        return _report(args)
     except InputError as exc:
         print(f"error: {exc}")
         return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Print the rows ``args`` asks for and write the CSV; ``InputError`` for unusable inputs."""
+    pred, ref, affine = read_label_pair(args.pred, args.ref)
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     labels, matrix = confusion_ml(pred, ref, voxel_ml)
     wanted = set(args.labels) if args.labels else set(labels)

@@ -19,19 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .evaluate import same_grid
-from .geometry import to_ras_array
-from .io import ras_affine, read_image, squeeze_to_3d
-
-
-def read_label_pair(pred_path: str, ref_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted and reference label maps (RAS voxel order, int64) and the RAS affine of their one
-    grid; an :class:`InputError` if the grids differ (the diagnostics compare voxel by voxel)."""
-    pred_img, ref_img = (squeeze_to_3d(read_image(p, validate=False)) for p in (pred_path, ref_path))
-    if not same_grid(pred_img, ref_img):
-        raise InputError("prediction and reference must share one grid (segment the reference's T1)")
-    pred, ref = (to_ras_array(img).astype(np.int64) for img in (pred_img, ref_img))
-    return pred, ref, ras_affine(ref_img)
+from .evaluate import read_label_pair
 
 
 def missed_parts(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, label: int,

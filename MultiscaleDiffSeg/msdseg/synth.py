@@ -141,26 +141,27 @@ def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm:
     the change is continuous on average and uneven along the surface.  Shrinking hands the rim to
     the white matter it touches (a rim that touches only another nucleus or a ventricle stays).
     """
-    amounts = {left: abs(mm) / spacing_mm for left, mm in change_mm.items()}
-    most = max([int(math.ceil(a - 1e-6)) for a in amounts.values()] + [0])
-    chosen = [pair for pair in NUCLEI if amounts.get(pair[0], 0.0) > 1e-6]
-    idx = torch.nonzero(_lookup(labels, [lab for pair in chosen for lab in pair])[labels.long()]) if chosen else None
-    if idx is None or idx.numel() == 0:
+    amounts = {left: abs(change_mm.get(left, 0.0)) / spacing_mm for left, _ in NUCLEI}
+    chosen = [pair for pair in NUCLEI if amounts[pair[0]] > 1e-6]
+    if not chosen:
         return labels
+    idx = torch.nonzero(_lookup(labels, [lab for pair in chosen for lab in pair])[labels.long()])
+    if idx.numel() == 0:
+        return labels
+    layers = {left: int(math.ceil(amounts[left] - 1e-6)) for left, _ in chosen}
     # the nuclei sit together in the middle of the brain: work inside their joint bounding box
-    box = _box_around(idx, most + 1)
+    box = _box_around(idx, max(layers.values()) + 1)
     part = labels[box].clone()
     brain_fill = (GEN_UNLABELLED_BRAIN,)  # partial maps' unlabelled brain stands in for white matter
     for left, right in chosen:
         amount = amounts[left]
-        layers = int(math.ceil(amount - 1e-6))
         for nucleus, white in ((left, _WHITE_MATTER[0]), (right, _WHITE_MATTER[1])):
             nuc, wm = _lookup(part, (nucleus,)), _lookup(part, (white,) + brain_fill)
             coarse = torch.from_numpy(rng.random((1, 1, 4, 4, 4)).astype(np.float32))
             field = F.interpolate(coarse, size=tuple(part.shape), mode="trilinear", align_corners=True)[0, 0]
             field = (field - field.min()) / (field.max() - field.min() + 1e-6)
             grow = change_mm[left] > 0
-            part = _spread_layers(part, nuc if grow else wm, wm if grow else nuc, layers, rng,
+            part = _spread_layers(part, nuc if grow else wm, wm if grow else nuc, layers[left], rng,
                                   lambda k, field=field, amount=amount: field < (amount - k))
     out = labels.clone()
     out[box] = part
