@@ -44,6 +44,8 @@ _T1_MEANS = {
 
 #: cerebrospinal fluid spaces inside the brain that :func:`resize_ventricles` grows or shrinks
 VENTRICLES = (4, 43, 5, 44, 14)
+#: the ventricles' thin temporal (inferior lateral) horns, changed less (``horn_scale``)
+TEMPORAL_HORNS = (5, 44)
 #: tissue that gives way to them (and fills them when they shrink): white matter, the nuclei that
 #: line the ventricles, hippocampus/amygdala (temporal horns), choroid plexus, other CSF
 VENTRICLE_NEIGHBOURS = (2, 41, 10, 49, 11, 50, 17, 53, 18, 54, 28, 60, 31, 63, 24, GEN_UNLABELLED_BRAIN)
@@ -92,7 +94,8 @@ def _box_around(idx: torch.Tensor, margin: int) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
-def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float, rng: np.random.Generator) -> torch.Tensor:
+def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float, rng: np.random.Generator,
+                      horn_scale: float = 1.0) -> torch.Tensor:
     """Ventricles grown (``change_mm`` > 0) or shrunk by about ``|change_mm|``, one voxel layer at a time.
 
     Why: the complete real-anatomy training maps (cvs_avg35, IBSR) have small ventricles (lateral
@@ -103,6 +106,13 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     the generator varies it.  Growth takes only :data:`VENTRICLE_NEIGHBOURS` (never cortex,
     putamen, pallidum or background); a shrinking ventricle's rim takes a neighbouring tissue's
     label.  Where several candidates touch a voxel a random per-call priority decides.
+
+    ``horn_scale`` < 1 changes the temporal horns (5, 44) by only that share of ``change_mm``,
+    with a fractional last layer where a smooth random field allows.  Why: a horn is one or two
+    voxels thick, so a whole layer multiplies its volume (+3 mm takes cvs_avg35's horns to 4.6
+    times their size while its lateral ventricles reach 2.5 times), and a model trained on full
+    layers over-segments the horns (docs/model_card.md, session 10).  1 keeps the single pass
+    of earlier runs, voxel for voxel.
     """
     layers = int(round(abs(change_mm) / spacing_mm))
     if layers == 0:
@@ -115,8 +125,28 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     box = _box_around(idx, layers + 1)
     grow = change_mm > 0
     out = labels.clone()
-    out[box] = _spread_layers(labels[box], vent if grow else near, near if grow else vent, layers, rng)
+    if horn_scale == 1.0:
+        out[box] = _spread_layers(labels[box], vent if grow else near, near if grow else vent, layers, rng)
+        return out
+    part = labels[box]
+    body = _lookup(labels, [lab for lab in VENTRICLES if lab not in TEMPORAL_HORNS])
+    part = _spread_layers(part, body if grow else near, near if grow else body, layers, rng)
+    amount = abs(change_mm) * horn_scale / spacing_mm
+    if amount > 1e-6:
+        horns, field = _lookup(part, TEMPORAL_HORNS), _smooth_field(tuple(part.shape), rng)
+        near = _lookup(part, VENTRICLE_NEIGHBOURS)
+        part = _spread_layers(part, horns if grow else near, near if grow else horns,
+                              int(math.ceil(amount - 1e-6)), rng, lambda k: field < (amount - k))
+    out[box] = part
     return out
+
+
+def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+    """A smooth random field over ``shape`` scaled to [0, 1): thresholding it at a share ``a``
+    picks roughly that share of a surface, in a few large patches (for fractional layers)."""
+    coarse = torch.from_numpy(rng.random((1, 1, 4, 4, 4)).astype(np.float32))
+    field = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0]
+    return (field - field.min()) / (field.max() - field.min() + 1e-6)
 
 
 #: deep grey nuclei that :func:`resize_nuclei` grows or shrinks, as (left, right, same-side white
@@ -157,9 +187,7 @@ def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm:
         amount = amounts[left]
         for nucleus, white in ((left, _WHITE_MATTER[0]), (right, _WHITE_MATTER[1])):
             nuc, wm = _lookup(part, (nucleus,)), _lookup(part, (white,) + brain_fill)
-            coarse = torch.from_numpy(rng.random((1, 1, 4, 4, 4)).astype(np.float32))
-            field = F.interpolate(coarse, size=tuple(part.shape), mode="trilinear", align_corners=True)[0, 0]
-            field = (field - field.min()) / (field.max() - field.min() + 1e-6)
+            field = _smooth_field(tuple(part.shape), rng)
             grow = change_mm[left] > 0
             part = _spread_layers(part, nuc if grow else wm, wm if grow else nuc, layers[left], rng,
                                   lambda k, field=field, amount=amount: field < (amount - k))
@@ -194,6 +222,7 @@ class SynthConfig:
     # share of cases whose ventricles grow or shrink (0 keeps the random stream of older runs)
     ventricle_change_prob: float = 0.0
     ventricle_change_mm: tuple[float, float] = (-1.5, 3.5)  # uniform; > 0 grows
+    ventricle_horn_scale: float = 1.0  # share of that change the temporal horns get (1: all of it)
     # share of cases whose deep grey nuclei change size, each pair with this probability again
     # (0 keeps the random stream of older runs)
     nuclei_change_prob: float = 0.0
@@ -344,7 +373,8 @@ class SyntheticGenerator:
         if flip:
             labels = self._swap_sides(labels)
         if self.cfg.ventricle_change_prob > 0 and rng.random() < self.cfg.ventricle_change_prob:
-            labels = resize_ventricles(labels, rng.uniform(*self.cfg.ventricle_change_mm), gen_grid.spacing_mm, rng)
+            labels = resize_ventricles(labels, rng.uniform(*self.cfg.ventricle_change_mm), gen_grid.spacing_mm, rng,
+                                       self.cfg.ventricle_horn_scale)
         if self.cfg.nuclei_change_prob > 0 and rng.random() < self.cfg.nuclei_change_prob:
             changes = {left: rng.uniform(*self.cfg.nuclei_change_mm) for left, _ in NUCLEI
                        if rng.random() < self.cfg.nuclei_change_prob}

@@ -46,6 +46,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ventricle-change", type=float, default=0.0, metavar="PROB",
                    help="share of cases whose ventricles grow or shrink by up to a few mm "
                         "(msdseg.synth.resize_ventricles); 0 keeps earlier runs' random stream")
+    p.add_argument("--horn-scale", type=float, default=1.0, metavar="SHARE",
+                   help="share of the ventricles' size change that their thin temporal horns get "
+                        "(1: all of it, as earlier runs)")
     p.add_argument("--nuclei-change", type=float, default=0.0, metavar="PROB",
                    help="share of cases whose deep grey nuclei grow or shrink, each pair again with this "
                         "share (msdseg.synth.resize_nuclei); 0 keeps earlier runs' random stream")
@@ -98,6 +101,8 @@ def run_training(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.ventricle_change <= 1.0:
         raise InputError(f"--ventricle-change {args.ventricle_change}: give a share between 0 and 1")
+    if not 0.0 <= args.horn_scale <= 1.0:
+        raise InputError(f"--horn-scale {args.horn_scale}: give a share between 0 and 1")
     if not 0.0 <= args.nuclei_change <= 1.0:
         raise InputError(f"--nuclei-change {args.nuclei_change}: give a share between 0 and 1")
     tree = load_tree()
@@ -125,7 +130,8 @@ def run_training(args: argparse.Namespace) -> int:
             cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    synth_cfg = SynthConfig(ventricle_change_prob=args.ventricle_change, nuclei_change_prob=args.nuclei_change)
+    synth_cfg = SynthConfig(ventricle_change_prob=args.ventricle_change, nuclei_change_prob=args.nuclei_change,
+                            ventricle_horn_scale=args.horn_scale)
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
                      "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree, synth_cfg)), metadata=meta)

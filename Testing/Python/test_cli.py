@@ -74,6 +74,8 @@ def test_missing_file_and_bad_option():
     assert res.returncode != 0 and "--ventricle-change" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run_cli("train", "--data", "/nonexistent/manifest.json", "--out", "/tmp/never", "--nuclei-change", "-0.1")
     assert res.returncode != 0 and "--nuclei-change" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("train", "--data", "/nonexistent/manifest.json", "--out", "/tmp/never", "--horn-scale", "1.5")
+    assert res.returncode != 0 and "--horn-scale" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):

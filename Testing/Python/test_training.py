@@ -170,9 +170,10 @@ def test_train_cli_passes_modes_and_top_timesteps(tmp_path, monkeypatch):
     train_cli.add_train_args(p)
     args = p.parse_args(["--data", str(tmp_path / "m.json"), "--out", str(tmp_path / "run"),
                          "--modes", "4:0:0.3", "1:64:0.7", "--t-top-prob", "0.3", "--t-top-min", "950",
-                         "--ventricle-change", "0.5", "--nuclei-change", "0.25"])
+                         "--ventricle-change", "0.5", "--nuclei-change", "0.25", "--horn-scale", "0.5"])
     assert train_cli.run_training(args) == 0
     assert seen["synth"].ventricle_change_prob == 0.5 and seen["synth"].nuclei_change_prob == 0.25
+    assert seen["synth"].ventricle_horn_scale == 0.5
     cfg = seen["cfg"]
     assert cfg.modes == (training.TrainMode(4.0, None, 0.3), training.TrainMode(1.0, (64, 64, 64), 0.7))
     assert (cfg.t_top_prob, cfg.t_top_min) == (0.3, 950)

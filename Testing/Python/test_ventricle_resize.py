@@ -80,3 +80,40 @@ def test_generator_applies_it_only_when_asked_and_keeps_older_streams():
     grown = always.sample(np.random.default_rng(5), 2.0).target[vents].sum()
     base = still.sample(np.random.default_rng(5), 2.0).target[vents].sum()
     assert float(grown) > 1.3 * float(base)
+
+
+def _map_with_horn() -> torch.Tensor:
+    """:func:`_map` plus a thin temporal horn (5, two voxels thick) running from the ventricle
+    into a hippocampus (17), as the real horn runs from the atrium into the temporal lobe."""
+    lab = _map()
+    lab[15:25, 25:33, 15:25] = 17
+    lab[19:21, 25:31, 19:21] = 5
+    return lab
+
+
+def test_horn_scale_changes_the_temporal_horns_by_that_share_only():
+    lab = _map_with_horn()
+    full = resize_ventricles(lab, 2.0, 1.0, np.random.default_rng(0))
+    half = resize_ventricles(lab, 2.0, 1.0, np.random.default_rng(0), horn_scale=0.5)
+    none = resize_ventricles(lab, 2.0, 1.0, np.random.default_rng(0), horn_scale=0.0)
+    horn = _count(lab, 5)
+    assert horn < _count(half, 5) < _count(full, 5)
+    assert _count(none, 5) == horn  # the horn keeps its size ...
+    assert _count(none, 4) > _count(lab, 4) + 4 * 100  # ... while the ventricle body grows
+    # what the horn takes is the tissue that lines it, never the other labels
+    changed = (half != lab) & (half == 5)
+    assert set(torch.unique(lab[changed]).tolist()) <= {2, 17}
+    # shrinking: a horn changed by 0 stays whole, a full-share horn of two voxels all but vanishes
+    assert _count(resize_ventricles(lab, -1.0, 1.0, np.random.default_rng(1), horn_scale=0.0), 5) == horn
+    assert _count(resize_ventricles(lab, -1.0, 1.0, np.random.default_rng(1)), 5) < horn // 2
+    # a share of one is the single pass of earlier runs, voxel for voxel
+    assert torch.equal(resize_ventricles(lab, 2.0, 1.0, np.random.default_rng(0), horn_scale=1.0), full)
+
+
+def test_a_fractional_horn_layer_covers_part_of_the_surface():
+    lab = _map_with_horn()
+    quarter = [_count(resize_ventricles(lab, 1.0, 1.0, np.random.default_rng(s), horn_scale=0.25), 5)
+               for s in range(4)]
+    whole = _count(resize_ventricles(lab, 1.0, 1.0, np.random.default_rng(0), horn_scale=1.0), 5)
+    assert all(_count(lab, 5) <= q < whole for q in quarter)
+    assert max(quarter) > _count(lab, 5)
