@@ -124,29 +124,27 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
     # work inside the ventricles' bounding box (plus the layers to add): a tenth of the volume
     box = _box_around(idx, layers + 1)
     grow = change_mm > 0
-    out = labels.clone()
-    if horn_scale == 1.0:
-        out[box] = _spread_layers(labels[box], vent if grow else near, near if grow else vent, layers, rng)
-        return out
-    part = labels[box]
-    body = _lookup(labels, [lab for lab in VENTRICLES if lab not in TEMPORAL_HORNS])
-    part = _spread_layers(part, body if grow else near, near if grow else body, layers, rng)
+    # with a share of 1 the horns move with the rest in one pass (as in earlier runs)
+    body = vent if horn_scale == 1.0 else _lookup(labels, [lab for lab in VENTRICLES if lab not in TEMPORAL_HORNS])
+    part = _spread_layers(labels[box], body if grow else near, near if grow else body, layers, rng)
     amount = abs(change_mm) * horn_scale / spacing_mm
-    if amount > 1e-6:
-        horns, field = _lookup(part, TEMPORAL_HORNS), _smooth_field(tuple(part.shape), rng)
-        near = _lookup(part, VENTRICLE_NEIGHBOURS)
-        part = _spread_layers(part, horns if grow else near, near if grow else horns,
-                              int(math.ceil(amount - 1e-6)), rng, lambda k: field < (amount - k))
+    if horn_scale != 1.0 and amount > 1e-6:
+        horns, near = _lookup(part, TEMPORAL_HORNS), _lookup(part, VENTRICLE_NEIGHBOURS)
+        part = _spread_fraction(part, horns if grow else near, near if grow else horns, amount, rng)
+    out = labels.clone()
     out[box] = part
     return out
 
 
-def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
-    """A smooth random field over ``shape`` scaled to [0, 1): thresholding it at a share ``a``
-    picks roughly that share of a surface, in a few large patches (for fractional layers)."""
+def _spread_fraction(part: torch.Tensor, donor: torch.Tensor, taker: torch.Tensor, amount: float,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """:func:`_spread_layers` for a fractional number of layers: ``ceil(amount)`` layers, the last
+    only where a smooth random field over ``part`` (scaled to [0, 1)) lies below its fraction, so
+    the change is continuous on average and comes in a few large patches along the surface."""
     coarse = torch.from_numpy(rng.random((1, 1, 4, 4, 4)).astype(np.float32))
-    field = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0]
-    return (field - field.min()) / (field.max() - field.min() + 1e-6)
+    field = F.interpolate(coarse, size=tuple(part.shape), mode="trilinear", align_corners=True)[0, 0]
+    field = (field - field.min()) / (field.max() - field.min() + 1e-6)
+    return _spread_layers(part, donor, taker, int(math.ceil(amount - 1e-6)), rng, lambda k: field < (amount - k))
 
 
 #: deep grey nuclei that :func:`resize_nuclei` grows or shrinks, as (left, right, same-side white
@@ -178,19 +176,15 @@ def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm:
     idx = torch.nonzero(_lookup(labels, [lab for pair in chosen for lab in pair])[labels.long()])
     if idx.numel() == 0:
         return labels
-    layers = {left: int(math.ceil(amounts[left] - 1e-6)) for left, _ in chosen}
     # the nuclei sit together in the middle of the brain: work inside their joint bounding box
-    box = _box_around(idx, max(layers.values()) + 1)
+    box = _box_around(idx, max(int(math.ceil(amounts[left] - 1e-6)) for left, _ in chosen) + 1)
     part = labels[box].clone()
     brain_fill = (GEN_UNLABELLED_BRAIN,)  # partial maps' unlabelled brain stands in for white matter
     for left, right in chosen:
-        amount = amounts[left]
+        grow = change_mm[left] > 0
         for nucleus, white in ((left, _WHITE_MATTER[0]), (right, _WHITE_MATTER[1])):
             nuc, wm = _lookup(part, (nucleus,)), _lookup(part, (white,) + brain_fill)
-            field = _smooth_field(tuple(part.shape), rng)
-            grow = change_mm[left] > 0
-            part = _spread_layers(part, nuc if grow else wm, wm if grow else nuc, layers[left], rng,
-                                  lambda k, field=field, amount=amount: field < (amount - k))
+            part = _spread_fraction(part, nuc if grow else wm, wm if grow else nuc, amounts[left], rng)
     out = labels.clone()
     out[box] = part
     return out
