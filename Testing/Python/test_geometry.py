@@ -107,3 +107,66 @@ def test_big_endian_float_mgz_is_read(tmp_path):
     img = read_image(tmp_path / "vol.mgz")
     np.testing.assert_allclose(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)), data)
     np.testing.assert_allclose(ras_affine(img), aff, atol=1e-6)
+
+
+def _labels_by_brute_force(
+    probs: np.ndarray, grid: ModelGrid, img: sitk.Image, lut: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every input voxel mapped to the grid and interpolated channel by channel (scipy), no boxes;
+    and where that is decidable (not within 1e-3 voxels of the grid's edge, where float32 and
+    float64 may disagree on inside / outside)."""
+    from scipy.ndimage import map_coordinates
+
+    size = img.GetSize()
+    idx = np.argwhere(np.ones(size, bool)).astype(float)  # (i, j, k)
+    mat = input_index_to_grid_index(img, grid)
+    g = idx @ mat[:3, :3].T + mat[:3, 3]
+    inside = np.all((g >= 0) & (g <= np.array(grid.shape) - 1), axis=1)
+    p = np.stack([map_coordinates(c, g.T, order=1, mode="constant") for c in probs])
+    lab = np.where(inside, lut[p.argmax(0)], 0)
+    edge = np.any(np.minimum(np.abs(g), np.abs(g - (np.array(grid.shape) - 1))) < 1e-3, axis=1)
+    out = np.zeros(size[::-1], np.uint16)
+    decidable = np.ones(size[::-1], bool)
+    where = (idx[:, 2].astype(int), idx[:, 1].astype(int), idx[:, 0].astype(int))
+    out[where] = lab
+    decidable[where] = ~edge
+    return out, decidable
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    angles=st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
+    spacing=st.tuples(*[st.floats(1.0, 3.0)] * 3),
+    offset=st.tuples(*[st.floats(-4.0, 4.0)] * 3),
+    seed=st.integers(0, 2**16),
+)
+def test_backprojection_samples_only_where_a_label_can_land(angles, spacing, offset, seed):
+    """The label-only path samples a box around the foreground; it must give exactly the labels of
+    interpolating every input voxel (background by convexity outside the box)."""
+    rng = np.random.default_rng(seed)
+    img = make_image((41, 37, 33), spacing, rotation(*angles), offset)
+    grid = ModelGrid((-24.0, -20.0, -16.0), 4.0, (12, 10, 8))
+    logits = rng.normal(size=(3, *grid.shape)).astype(np.float32)
+    logits[0] += 3.0  # mostly background ...
+    logits[1:, 4:8, 3:6, 2:5] += 5.0  # ... around a small foreground block
+    probs = torch.softmax(torch.from_numpy(logits), 0)
+    lut = np.array([0, 7, 9])
+    labels, _ = backproject(probs, grid, img, lut)
+    expected, decidable = _labels_by_brute_force(probs.numpy(), grid, img, lut)
+    got = sitk.GetArrayFromImage(labels)
+    assert expected.any(), "the foreground block must reach the input"
+    assert np.array_equal(got[decidable], expected[decidable])
+    # the uncertainty path samples the whole grid box: the same labels, voxel for voxel
+    with_unc, unc = backproject(probs, grid, img, lut, uncertainty=probs[:1])
+    assert np.array_equal(sitk.GetArrayFromImage(with_unc), got)
+    assert unc is not None
+
+
+def test_backprojection_of_an_all_background_grid_is_background():
+    img = make_image((9, 8, 7), (2.0, 2.0, 2.0), np.eye(3), (0.0, 0.0, 0.0))
+    grid = ModelGrid((-8.0, -8.0, -8.0), 4.0, (4, 4, 4))
+    probs = torch.zeros(2, 4, 4, 4)
+    probs[0] = 1.0
+    labels, _ = backproject(probs, grid, img, np.array([0, 5]))
+    assert labels.GetSize() == img.GetSize()
+    assert not sitk.GetArrayFromImage(labels).any()
