@@ -1,11 +1,16 @@
 """Device choice and precision: CUDA > MPS > CPU for ``auto``; mixed precision where it pays.
 
-Measured on the 2-core development CPU of sessions 1-10 (AMD EPYC): bf16 autocast roughly halved
-the time of a training step, so the CPU default is bf16.  On a later Intel Xeon it was neither
-faster nor slower, but it kept peak memory lower (2.1 against 2.8 GB on a 256^3 scan), so it stays
-the default (docs/field_notes.md).  CUDA uses bf16 where supported, else fp16; MPS fp16.
+On the CPU, bf16 pays only where the processor has bf16 instructions (AVX-512 BF16 or AMX): there
+it roughly halved a training step (AMD EPYC of sessions 1-10) or cost nothing and kept peak memory
+lower (an Intel Xeon, 2.1 against 2.8 GB on a 256^3 scan).  Without them PyTorch has no fast bf16
+convolution: on an AVX2-only AMD EPYC (session 12) one 3-D convolution took about 200x longer in
+bf16 than in fp32, and with oneDNN held to AVX2 on an AVX-512 BF16 machine about 130x (session 13),
+so ``auto`` picks fp32 there (docs/field_notes.md).  CUDA uses bf16 where
+supported, else fp16; MPS fp16.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -36,6 +41,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_has_fast_bf16():
+            warn_slow_cpu_bf16()
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
@@ -45,7 +52,34 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX tiles) that PyTorch uses.
+
+    The probes are private PyTorch helpers; a PyTorch without them is treated as lacking bf16,
+    since fp32 is merely slower where bf16 would help, while bf16 without the instructions is
+    orders of magnitude slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # noqa: BLE001 - a probe that fails says nothing about the CPU
+            continue
+    return False
+
+
+def warn_slow_cpu_bf16() -> None:
+    """One warning that an explicit CPU bf16 request will be very slow on this processor."""
+    warnings.warn(
+        "this CPU has no bf16 instructions (AVX-512 BF16 or AMX): bf16 runs far slower than fp32 here; "
+        "use precision 'auto' or 'fp32'",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

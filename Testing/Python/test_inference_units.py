@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from msdseg import devices
 from msdseg.devices import autocast_dtype, is_out_of_memory, resolve_device
 from msdseg.errors import InputError
 from msdseg.inference import PRESETS, SegmentSettings, _check_brain_like
@@ -23,8 +24,29 @@ def test_device_auto_and_explicit():
 
 def test_precision_choices():
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
-    assert autocast_dtype(torch.device("cpu"), "auto") == torch.bfloat16
     assert autocast_dtype(torch.device("mps"), "auto") == torch.float16
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpu_auto_precision_follows_bf16_instructions(monkeypatch, fast):
+    """bf16 on a CPU without bf16 instructions is orders of magnitude slower: auto must avoid it."""
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: fast)
+    assert autocast_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if fast else None)
+
+
+def test_explicit_cpu_bf16_without_instructions_warns(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no bf16 instructions"):
+        assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_bf16_probe_survives_missing_or_failing_helpers(monkeypatch):
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert devices.cpu_has_fast_bf16() is False
 
 
 def test_out_of_memory_detection():
