@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PRESETS = ("fast", "balanced", "accurate")
+from .presets import PRESETS, add_intensity_argument
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -176,7 +176,7 @@ def child_main(args: argparse.Namespace) -> int:
     image = load_volume(args.input)
     t_read = time.perf_counter()
     settings = SegmentSettings(preset=args.preset, device=args.device, steps=args.steps, samples=args.samples,
-                               uncertainty=True, model=args.model)
+                               uncertainty=True, model=args.model, intensity=args.intensity)
     result = segment_image(image, settings)
     t_seg = time.perf_counter()
     write_case_outputs(result, Path(args.output), "bench")
@@ -189,6 +189,7 @@ def child_main(args: argparse.Namespace) -> int:
         "grid_shape": result.info.get("grid_shape"), "device": result.info.get("device"),
         "steps": result.info.get("steps"), "samples": result.info.get("samples"),
         "torch_threads": torch.get_num_threads(), "input_size": list(image.GetSize()),
+        "intensity_refined": result.info.get("intensity_refined"),
     }), flush=True)
     return 0
 
@@ -224,9 +225,13 @@ def machine_info() -> dict[str, Any]:
 def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path, args) -> list[dict[str, Any]]:
     """One child process per volume, model and preset (``--models`` compares models in one run)."""
     rows = []
-    for (vname, vpath), model, preset in itertools.product(volumes.items(), args.models or [None], presets):
+    intensity_variants = [True, False] if args.compare_intensity else [True]
+    for (vname, vpath), model, preset, intensity in itertools.product(
+            volumes.items(), args.models or [None], presets, intensity_variants):
         label = _model_label(model)
         work = outdir / "runs" / (f"{vname}_{preset}" if model is None else f"{vname}_{preset}_{label}")
+        if not intensity:
+            work = work.with_name(work.name + "_no_intensity")
         work.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "msdseg.bench", "child", "--input", str(vpath), "--preset", preset,
                "--device", args.device, "--output", str(work)]
@@ -236,10 +241,13 @@ def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path
             cmd += ["--steps", str(args.steps)]
         if args.samples is not None:
             cmd += ["--samples", str(args.samples)]
+        if not intensity:
+            cmd += ["--no-intensity"]
         for rep in range(args.repeat):
             log = work / f"log_{rep}.txt"
             m = run_measured(cmd, _env(args.threads), log)
-            row = {"kind": "preset", "volume": vname, "preset": preset, "model": label, "repeat": rep,
+            row = {"kind": "preset", "volume": vname, "preset": preset + ("" if intensity else " --no-intensity"),
+                   "model": label, "repeat": rep,
                    **m, **_last_json(log)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -314,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--samples", type=int, default=None)
         p.add_argument("--model", default=None)
         p.add_argument("--output", required=True)
+        add_intensity_argument(p)
         return child_main(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="python -m msdseg.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", required=True)
@@ -329,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--models", nargs="+", default=None,
                    help="model files to measure one after the other in the same run (default: the shipped model)")
+    p.add_argument("--compare-intensity", action="store_true",
+                   help="measure every preset also with --no-intensity, in the same run")
     p.add_argument("--skip-presets", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--small", action="store_true", help="the 48^3 4 mm phantom only, to check the script")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .calibration_voxels import InputGridVoxels, binary_nll, evaluated_region, gather, inside, pick
+from .calibration_voxels import (
+    InputGridVoxels, binary_nll, evaluated_region, gather, gather_refined, inside, interpolated, pick,
+)
 
 #: spacing of the synthetic inputs of the fit: the usual T1 a user brings
 INPUT_MM = 1.0
@@ -98,7 +101,7 @@ def collect_real_cases(
 
     from .backproject import backproject
     from .geometry import head_grid, input_index_to_grid_index
-    from .inference import preset_inputs, sample_multiscale
+    from .inference import _intensity_model, preset_inputs, sample_multiscale
     from .io import load_volume, read_image
     from .labels import load_tree
     from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
@@ -116,7 +119,8 @@ def collect_real_cases(
             mirror_permutation=mirror_permutation if params["mirror"] else None, fine=fine,
         )
         grid = fine_grid or grid  # the grid the result lies on
-        labels, _ = backproject(res.mean, grid, image, tree.channel_to_aseg)
+        intensity = _intensity_model(res.mean, grid, image, params, seed + i)
+        labels, _ = backproject(res.mean, grid, image, tree.channel_to_aseg, intensity=intensity)
         pred = lut[sitk.GetArrayViewFromImage(labels)]  # (k, j, i), channels
         ref_img = sitk.Resample(read_image(case["labels"]), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         raw = sitk.GetArrayFromImage(ref_img).astype(np.int64).clip(0, 65535)
@@ -129,7 +133,12 @@ def collect_real_cases(
         mat = input_index_to_grid_index(image, grid)
         points = kji[:, ::-1] @ mat[:3, :3].T + mat[:3, 3]
         keep = inside(points, grid.shape)
-        parts.append(gather(res.mean, points[keep], ref.ravel()[flat[keep]]))
+        if intensity is None:
+            parts.append(gather(res.mean, points[keep], ref.ravel()[flat[keep]]))
+        else:
+            kk, jj, ii = kji[keep].T
+            values = sitk.GetArrayViewFromImage(image)[kk, jj, ii].astype(np.float32)
+            parts.append(gather_refined(res.mean, points[keep], ref.ravel()[flat[keep]], values, intensity))
         if progress:
             progress(i + 1, len(cases), case["name"])
     return InputGridVoxels.concat(parts)
@@ -186,13 +195,35 @@ def collect_cases(
         ijk = np.stack(np.unravel_index(flat, region.shape), axis=1).astype(np.float64)
         points = (ijk + 0.5) / result_factor - 0.5  # input voxel centre in model-grid index units
         keep = inside(points, res.mean.shape[1:])
-        voxels = gather(res.mean, points[keep], ref.ravel()[flat[keep]])
+        intensity = _synthetic_intensity_model(res.mean, sample.image[0].numpy(), result_factor, params, rng) \
+            if params.get("intensity") else None
+        if intensity is None:
+            voxels = gather(res.mean, points[keep], ref.ravel()[flat[keep]])
+        else:
+            values = sample.image[0].numpy().ravel()[flat[keep]]
+            voxels = gather_refined(res.mean, points[keep], ref.ravel()[flat[keep]], values, intensity)
         # a voxel the model gives a class the map does not define has no reference: not scored
         parts.append(voxels.subset(~missing[voxels.predicted]))
         done += 1
         if progress:
             progress(done, n_cases, sample.source)
     return InputGridVoxels.concat(parts)
+
+
+def _synthetic_intensity_model(probs: torch.Tensor, image: np.ndarray, factor: int, params: Mapping[str, Any],
+                               rng: np.random.Generator):
+    """The intensity model :func:`msdseg.inference.segment_image` would fit to a synthetic input
+    ``image`` (X, Y, Z) whose answer ``probs`` lies on a grid ``factor`` times coarser."""
+    from .intensity_refine import BAND, FIT_VOXELS, draw_fit_voxels, fit_intensity_model, worth_refining
+
+    if factor < 1 or not worth_refining((float(params["spacing_mm"]) / factor,) * 3, float(params["spacing_mm"])):
+        return None
+    ijk = draw_fit_voxels((0, 0, 0), image.shape, FIT_VOXELS, rng)
+    points = (ijk + 0.5) / factor - 0.5
+    keep = inside(points, probs.shape[1:])
+    p = interpolated(gather(probs, points[keep], np.zeros(int(keep.sum()), np.int64)))
+    values = torch.from_numpy(image[tuple(ijk[keep].T)].astype(np.float32))
+    return fit_intensity_model(p.T.contiguous(), values)
 
 
 def missing_leaves(channel_mask: np.ndarray) -> np.ndarray | None:
@@ -241,8 +272,9 @@ def calibrate_model(
     generator = SyntheticGenerator(sources, tree, calibration_synth_config())
     real = real_training_cases(manifest)
     block: dict[str, Any] = {
-        "method": "temperature scaling of the averaged probabilities, softmax(log p / T), fitted on the "
-                  "input grid (the interpolated uncertainty map against the input-grid labels)",
+        "method": "temperature scaling of the probabilities the labels come from, softmax(log q / T): the "
+                  "averaged samples interpolated onto the input grid and, where the preset refines with the "
+                  "scan's intensities, that refined posterior; fitted on the input grid against its labels",
         "fitted_on": (f"{n_cases} synthetic whole-brain {INPUT_MM:g} mm T1-contrast cases (no thick slices) from training "
                       f"label maps lacking at most "
                       f"{MAX_MISSING_CLASSES} class (seed {seed})"
@@ -281,15 +313,40 @@ def calibrate_model(
 
 
 def write_calibration(model_path: Path, block: Mapping[str, Any]) -> None:
-    """Store ``block`` in the model JSON (atomic replace; the weights file is untouched)."""
+    """Store ``block`` in the model JSON (atomic replace; the weights file is untouched).
+
+    Presets fitted by an earlier run on the same cases (same ``fitted_on``: data, count, seed) are
+    kept where ``block`` only borrowed a temperature for them, so ``--presets`` can run as parallel
+    processes, each writing its own."""
     from .modelfile import config_path
 
     cfg_file = config_path(model_path)
     config = json.loads(cfg_file.read_text())
-    config["calibration"] = dict(block)
+    config["calibration"] = merge_calibration(config.get("calibration") or {}, block)
     tmp = cfg_file.with_name(cfg_file.name + ".tmp")
     tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
     tmp.replace(cfg_file)
+
+
+def merge_calibration(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new``, with the presets ``old`` fitted on the same cases where ``new`` only borrowed."""
+    merged = dict(new)
+    if old.get("fitted_on") != new.get("fitted_on"):
+        return merged
+    presets = dict(new.get("presets") or {})
+    kept = [name for name, entry in (old.get("presets") or {}).items()
+            if "borrowed_from" not in entry and "borrowed_from" in presets.get(name, {"borrowed_from": None})]
+    for name in kept:
+        presets[name] = old["presets"][name]
+    fitted = [name for name, entry in presets.items() if "borrowed_from" not in entry]
+    for name, entry in presets.items():  # a borrowed value follows the donor that is now fitted
+        if "borrowed_from" in entry and "balanced" in fitted:
+            presets[name] = {"temperature": presets["balanced"]["temperature"], "borrowed_from": "balanced"}
+    merged["presets"] = presets
+    if kept:
+        merged["command"] = re.sub(r"--presets [a-z ]+? --cases", f"--presets {' '.join(fitted)} --cases",
+                                   str(new.get("command", "")))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,23 @@ def gather(probs: torch.Tensor, points: np.ndarray, ref: np.ndarray) -> InputGri
     return InputGridVoxels(p.clamp_min(1e-8).log(), weights, predicted == np.asarray(ref), predicted)
 
 
+def interpolated(voxels: InputGridVoxels) -> torch.Tensor:
+    """(N, C) probabilities of the voxels: their corners blended by the trilinear weights."""
+    return (voxels.log_corners.exp() * voxels.weights[..., None]).sum(1)
+
+
+def gather_refined(probs: torch.Tensor, points: np.ndarray, ref: np.ndarray, values: np.ndarray,
+                   intensity) -> InputGridVoxels:
+    """:func:`gather` for labels sharpened by an :class:`~msdseg.intensity_refine.IntensityModel`
+    at the voxels' intensities ``values`` (N,): what the map states is then the refined posterior
+    at the voxel itself, stored as a single corner of weight 1, and its argmax is the label."""
+    p = interpolated(gather(probs, points, ref))
+    q = intensity.posterior(p.T.contiguous(), torch.as_tensor(np.asarray(values), dtype=torch.float32)).T
+    predicted = q.argmax(1).numpy()
+    return InputGridVoxels(q.clamp_min(1e-8).log()[:, None, :], torch.ones(len(predicted), 1),
+                           predicted == np.asarray(ref), predicted)
+
+
 def inside(points: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Points whose 8 corners all lie in a grid of ``shape`` (so their weights sum to 1)."""
     return ((points >= 0) & (points <= np.asarray(shape) - 1)).all(axis=1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import Cancelled, InputError
-from .presets import PRESETS
+from .presets import PRESETS, add_intensity_argument
 
 
 def _progress_printer(mode: str, prefix: str = "") -> Callable[[float, str], None]:
@@ -50,6 +50,7 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                    help="do not let every other sample see the left/right-mirrored image (on in balanced, accurate)")
     p.add_argument("--refine", type=float, default=None, metavar="MM",
                    help="finish the sampling at this finer spacing (coarse to fine; 0 = off; default: the preset's)")
+    add_intensity_argument(p)
     p.add_argument("--uncertainty", action="store_true", help="also write S_uncertainty.nii.gz")
     p.add_argument("--model", default=None, help="model .safetensors (default: the shipped model)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,7 +73,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     settings = SegmentSettings(
         preset=args.preset, device=args.device, steps=args.steps, samples=args.samples,
         uncertainty=args.uncertainty, seed=args.seed, model=args.model, precision=args.precision,
-        mirror=args.mirror, refine_mm=args.refine,
+        mirror=args.mirror, refine_mm=args.refine, intensity=args.intensity,
     )
     settings.resolved()  # validate options before touching any input
     return run_cohort(

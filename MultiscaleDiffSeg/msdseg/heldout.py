@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .presets import add_intensity_argument
 
 
 def heldout_cases(manifest: Path) -> list[dict[str, Any]]:
@@ -32,7 +33,7 @@ def heldout_cases(manifest: Path) -> list[dict[str, Any]]:
 
 def evaluate_model(
     model: str | None, manifest: Path, outdir: Path, preset: str = "balanced", device: str = "auto",
-    deterministic_baseline: bool = True, write_reports: bool = True,
+    deterministic_baseline: bool = True, write_reports: bool = True, intensity: bool | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on the held-out cases; returns (and writes) a summary JSON."""
     from .inference import SegmentSettings
@@ -52,7 +53,7 @@ def evaluate_model(
         per_case: dict[str, Any] = {}
         for name, steps, mirror in variants:
             settings = SegmentSettings(preset=preset, device=device, steps=steps, uncertainty=True,
-                                       model=model, check_brain=False, mirror=mirror)
+                                       model=model, check_brain=False, mirror=mirror, intensity=intensity)
             per_case[name] = segment_and_score(
                 image, ref, settings, tree, outdir if write_reports else None, f"{case['name']}_{name}",
                 f"{results['model']} - {case['name']} - {name} ({preset})")
@@ -91,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-baseline", action="store_true")
+    add_intensity_argument(p)
     args = p.parse_args(argv)
     res = evaluate_model(args.model, Path(args.data), Path(args.output), args.preset, args.device,
-                         not args.no_baseline)
+                         not args.no_baseline, intensity=args.intensity)
     for case, variants in res["cases"].items():
         for name, s in variants.items():
             print(f"{case:12s} {name:18s} mean Dice {s['dice_mean_leaves']:.3f}  min {s['min_dice_leaves']:.3f}  "

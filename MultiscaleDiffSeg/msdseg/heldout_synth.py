@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .presets import add_intensity_argument
 from .io import image_from_ras_affine
 from .synth import IGNORE
 
@@ -70,7 +71,7 @@ def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str,
 
 def evaluate_synthetic(
     model: str | None, manifest: Path, outdir: Path, preset: str = "balanced", n_cases: int = 6,
-    seed: int = 7, device: str = "auto", write_reports: bool = True, progress=print,
+    seed: int = 7, device: str = "auto", write_reports: bool = True, progress=print, intensity: bool | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``n_cases`` renders of every held-out map; returns (and writes) a summary."""
     from .evaluate import _json_safe
@@ -82,7 +83,8 @@ def evaluate_synthetic(
         raise InputError("--cases must be at least 1")
     tree = load_tree()
     outdir.mkdir(parents=True, exist_ok=True)
-    settings = SegmentSettings(preset=preset, device=device, uncertainty=True, model=model, check_brain=False)
+    settings = SegmentSettings(preset=preset, device=device, uncertainty=True, model=model, check_brain=False,
+                               intensity=intensity)
     cases: dict[str, Any] = {}
     for name, image, ref in render_cases(manifest, n_cases, seed):
         cases[name] = segment_and_score(image, ref, settings, tree, outdir if write_reports else None, name,
@@ -125,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-reports", action="store_true", help="only the summary JSON")
     p.add_argument("-o", "--output", required=True)
+    add_intensity_argument(p)
     args = p.parse_args(argv)
     try:
         res = evaluate_synthetic(args.model, Path(args.data), Path(args.output), args.preset, args.cases,
-                                 args.seed, args.device, not args.no_reports)
+                                 args.seed, args.device, not args.no_reports, intensity=args.intensity)
     except InputError as exc:
         print(f"error: {exc}")
         return 2

@@ -16,12 +16,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .backproject import backproject
+from .backproject import backproject, fit_voxels
 from .calibration import error_probability, temper, temperature_for
 from .devices import autocast_dtype, is_out_of_memory, resolve_device
 from .diffusion import SamplingResult, ddim_sample
 from .errors import Cancelled, InputError
 from .geometry import ModelGrid, head_grid, image_on_grid
+from .intensity_refine import BAND, FIT_VOXELS, IntensityModel, fit_intensity_model, worth_refining
 from .io import squeeze_to_3d, validate_image
 from .labels import LabelTree, load_tree
 from .modelfile import LoadedModel, load_model
@@ -55,6 +56,7 @@ class SegmentSettings:
     check_brain: bool = True  # reject results whose brain volume is implausible
     mirror: bool | None = None  # every other sample sees the left/right-mirrored image (None: preset)
     refine_mm: float | None = None  # finish at this finer spacing (0 = no refinement; None: preset)
+    intensity: bool | None = None  # sharpen with the scan's own intensities (msdseg.intensity_refine; None: preset)
 
     def resolved(self) -> dict[str, Any]:
         if self.preset not in PRESETS:
@@ -76,6 +78,8 @@ class SegmentSettings:
             if self.refine_mm < 0:
                 raise InputError("--refine must be a spacing in mm, or 0 for no refinement")
             p["refine_mm"] = self.refine_mm or None
+        if self.intensity is not None:
+            p["intensity"] = self.intensity
         if p.get("refine_mm") and (float(p["refine_mm"]) >= float(p["spacing_mm"]) or int(p["steps"]) == 0):
             p["refine_mm"] = None  # nothing finer to go to, or a deterministic pass: no refinement
         return p
@@ -134,9 +138,10 @@ def segment_image(
     # calibrated probabilities: same most likely label, honest confidence (msdseg.calibration)
     temperature = temperature_for(loaded.config, settings.preset)
     error_prob = error_probability(temper(result.mean, temperature))
+    intensity = _intensity_model(result.mean, grid, image, params, settings.seed)
     labels, unc = backproject(
         result.mean, grid, image, tree.channel_to_aseg,
-        uncertainty=error_prob if settings.uncertainty else None,
+        uncertainty=error_prob if settings.uncertainty else None, intensity=intensity, temperature=temperature,
     )
     arr = sitk.GetArrayViewFromImage(labels)
     volumes = structure_volumes(np.asarray(arr), image.GetSpacing(), tree)
@@ -152,6 +157,7 @@ def segment_image(
         "samples": int(params["samples"]),
         "mirror": bool(params["mirror"]) and int(params["samples"]) > 1 and int(params["steps"]) > 0,
         "refine_mm": params.get("refine_mm"),
+        "intensity_refined": intensity is not None,
         "seed": settings.seed,
         "seconds": round(time.time() - t_start, 2),
         "calibration_temperature": temperature,
@@ -161,6 +167,17 @@ def segment_image(
     }
     report(1.0, "done")
     return SegmentationResult(labels, unc, volumes, tree, info)
+
+
+def _intensity_model(
+    probs: torch.Tensor, grid: ModelGrid, image: sitk.Image, params: Mapping[str, Any], seed: int,
+) -> IntensityModel | None:
+    """The scan's fitted intensity model when the preset asks for it and the scan is fine enough
+    to add detail to ``grid`` (:mod:`msdseg.intensity_refine`); None otherwise."""
+    if not params.get("intensity") or not worth_refining(image.GetSpacing(), grid.spacing_mm):
+        return None
+    voxels = fit_voxels(probs, grid, image, BAND, FIT_VOXELS, seed)
+    return None if voxels is None else fit_intensity_model(*voxels)
 
 
 def predict_on_grid(

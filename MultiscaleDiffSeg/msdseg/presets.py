@@ -12,11 +12,12 @@ from __future__ import annotations
 #: the balanced ensemble at 1 mm scored 0.802 mean Dice on the held-out T1 against 0.807 unrefined
 #: (its run at step 3,691; the stage-3 candidate: 0.795 against 0.801).  8 DDIM steps were no
 #: better than 4.  ``--refine 1`` tries it; give a preset ``refine_mm`` once a model's refinement
-#: beats its coarse answer.
+#: beats its coarse answer.  ``intensity``: sharpen the answer with the scan's own intensities at
+#: its own resolution (:mod:`msdseg.intensity_refine`; skipped on scans coarser than 1.5 mm).
 PRESETS: dict[str, dict[str, float | int | bool]] = {
-    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1, "mirror": False},
-    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2, "mirror": True},
-    "accurate": {"spacing_mm": 2.0, "steps": 4, "samples": 4, "mirror": True},
+    "fast": {"spacing_mm": 2.0, "steps": 2, "samples": 1, "mirror": False, "intensity": True},
+    "balanced": {"spacing_mm": 2.0, "steps": 4, "samples": 2, "mirror": True, "intensity": True},
+    "accurate": {"spacing_mm": 2.0, "steps": 4, "samples": 4, "mirror": True, "intensity": True},
 }
 
 
@@ -28,3 +29,11 @@ def preset_label(name: str) -> str:
     if p.get("refine_mm"):
         spacing += f" → {float(p['refine_mm']):g}"
     return f"{name} ({spacing} mm, {int(p['steps'])} steps, {samples} sample{'s' if samples != 1 else ''})"
+
+
+def add_intensity_argument(parser) -> None:
+    """``--no-intensity`` on an argparse parser (``intensity``: False, or None for the preset's
+    choice); the CLI and the evaluation tools share it so their runs can be compared."""
+    parser.add_argument("--no-intensity", dest="intensity", action="store_const", const=False, default=None,
+                        help="keep the network's interpolated answer: do not sharpen it with the scan's own "
+                             "intensities (msdseg.intensity_refine)")

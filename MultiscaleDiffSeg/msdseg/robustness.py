@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import SimpleITK as sitk
 
+from .presets import add_intensity_argument
+
 
 def _rotation_about_centre(image: sitk.Image, degrees: tuple[float, float, float]) -> sitk.Image:
     """Resample ``image`` onto a grid whose axes are rotated by ``degrees`` (x, y, z) about its
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--preset", default="balanced")
     p.add_argument("-o", "--output", required=True)
+    add_intensity_argument(p)
     args = p.parse_args(argv)
 
     from .evaluate import _json_safe, evaluate
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     tree = load_tree()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    settings = SegmentSettings(preset=args.preset, model=args.model, check_brain=False)
+    settings = SegmentSettings(preset=args.preset, model=args.model, check_brain=False, intensity=args.intensity)
 
     def score(labels: sitk.Image) -> dict[str, Any]:
         rep = evaluate(labels, reference, tree)

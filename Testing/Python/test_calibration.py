@@ -164,3 +164,23 @@ def test_synthetic_cases_are_whole_brain_1mm_t1_scans_from_nearly_complete_maps(
     no_cortex = complete.copy()
     no_cortex[[0, 1, 15]] = False
     assert missing_leaves(no_cortex) is None
+
+
+def test_calibration_runs_of_different_presets_merge_when_fitted_on_the_same_cases():
+    from msdseg.calibration import merge_calibration
+
+    first = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.calibration --data D --presets balanced --cases 8 --seed 1",
+             "presets": {"balanced": {"temperature": 2.0}, "fast": {"temperature": 2.0, "borrowed_from": "balanced"},
+                         "accurate": {"temperature": 2.0, "borrowed_from": "balanced"}}}
+    second = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.calibration --data D --presets fast accurate --cases 8 --seed 1",
+              "presets": {"fast": {"temperature": 2.2}, "accurate": {"temperature": 1.8},
+                          "balanced": {"temperature": 2.2, "borrowed_from": "fast"}}}
+    merged = merge_calibration(first, second)
+    assert merged["presets"] == {"balanced": {"temperature": 2.0}, "fast": {"temperature": 2.2},
+                                 "accurate": {"temperature": 1.8}}
+    assert "--presets fast accurate balanced --cases 8" in merged["command"]
+    # other cases: nothing of the earlier run is kept
+    assert merge_calibration(first, {**second, "fitted_on": "8 cases, seed 2"})["presets"] == second["presets"]
+    # a run that fits balanced itself replaces the earlier balanced value
+    again = {**first, "presets": {**first["presets"], "balanced": {"temperature": 1.5}}}
+    assert merge_calibration(first, again)["presets"]["balanced"] == {"temperature": 1.5}
