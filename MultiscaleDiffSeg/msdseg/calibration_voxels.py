@@ -33,7 +33,7 @@ class InputGridVoxels:
 
     log_corners: torch.Tensor  # (N, 8, C) log-probabilities at the 8 model-grid corners
     weights: torch.Tensor  # (N, 8) trilinear weights (rows sum to 1)
-    correct: np.ndarray  # (N,) bool: the interpolated mean's argmax is the reference class
+    correct: np.ndarray  # (N,) bool: the label (interpolated mean's or refined posterior's argmax) is the reference
     predicted: np.ndarray  # (N,) int: that argmax (the label the user sees)
 
     def __len__(self) -> int:
