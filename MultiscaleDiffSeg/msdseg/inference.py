@@ -134,14 +134,24 @@ def segment_image(
         raise Cancelled("cancelled")
     result, used_device = _sample_with_fallback(model, coarse, fine, params, settings, device, report, check)
     grid = fine_grid or grid  # the grid the result lies on
-    report(0.92, "mapping labels back to the input grid")
     # calibrated probabilities: same most likely label, honest confidence (msdseg.calibration)
     temperature = temperature_for(loaded.config, settings.preset)
     error_prob = error_probability(temper(result.mean, temperature))
+    if params.get("intensity"):
+        report(0.90, "fitting this scan's intensities")
     intensity = _intensity_model(result.mean, grid, image, params, settings.seed)
+    step = "labels at the scan's voxels, sharpened by its intensities" if intensity else "mapping labels back to the input grid"
+    report(0.92, step)
+
+    def slab_done(fraction: float) -> None:  # the back-projection reports and can be cancelled slab by slab
+        if check():
+            raise Cancelled("cancelled")
+        report(0.92 + 0.07 * fraction, step)
+
     labels, unc = backproject(
         result.mean, grid, image, tree.channel_to_aseg,
-        uncertainty=error_prob if settings.uncertainty else None, intensity=intensity, temperature=temperature,
+        uncertainty=error_prob if settings.uncertainty else None, progress=slab_done, intensity=intensity,
+        temperature=temperature,
     )
     arr = sitk.GetArrayViewFromImage(labels)
     volumes = structure_volumes(np.asarray(arr), image.GetSpacing(), tree)

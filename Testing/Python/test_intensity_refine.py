@@ -118,3 +118,26 @@ def test_presets_refine_by_default_and_the_setting_turns_it_off():
     assert SegmentSettings().resolved()["intensity"] is True
     assert SegmentSettings(preset="fast").resolved()["intensity"] is True
     assert SegmentSettings(intensity=False).resolved()["intensity"] is False
+
+
+def test_segmenting_reports_the_refinement_and_can_be_cancelled_while_mapping_back(untrained_model):
+    import pytest
+
+    from conftest import phantom_fn
+    from msdseg.errors import Cancelled
+    from msdseg.inference import segment_image
+
+    img = make_image((100, 124, 100), (1.5, 1.5, 1.5), np.eye(3), (0.0, 0.0, 0.0), phantom_fn)
+    messages: list[tuple[float, str]] = []
+    fast = SegmentSettings(preset="fast", device="cpu", model=untrained_model, check_brain=False)
+    res = segment_image(img, fast, progress=lambda f, m: messages.append((f, m)))
+    assert res.info["intensity_refined"] is True
+    assert any("intensities" in m for _, m in messages)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions), "progress only moves forward"
+    off = segment_image(img, SegmentSettings(preset="fast", device="cpu", model=untrained_model,
+                                             check_brain=False, intensity=False))
+    assert off.info["intensity_refined"] is False
+    mapped: list[float] = []
+    with pytest.raises(Cancelled):  # cancelled once the labels are being mapped back
+        segment_image(img, fast, progress=lambda f, m: mapped.append(f), cancel=lambda: bool(mapped) and mapped[-1] >= 0.92)
