@@ -35,6 +35,9 @@ def test_every_variant_keeps_the_anatomy_where_it_was():
     assert VARIANTS["axes permuted and flipped"](head).GetDirection() != head.GetDirection()
     assert VARIANTS["5 mm thick slices"](head).GetSpacing()[2] == 5.0
     assert VARIANTS["12-bit integers"](head).GetPixelID() == sitk.sitkInt16
+    shaded = sitk.GetArrayFromImage(VARIANTS["bias field (x0.67-2.2)"](head))
+    ratio = shaded[ref > 0] / ref[ref > 0]
+    assert 0.6 < ratio.min() < 0.75 and 2.0 < ratio.max() < 2.3, (ratio.min(), ratio.max())
 
 
 def test_runner_goes_through_a_file_and_scores_each_variant():
