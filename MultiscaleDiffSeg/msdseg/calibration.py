@@ -101,7 +101,7 @@ def collect_real_cases(
 
     from .backproject import backproject
     from .geometry import head_grid, input_index_to_grid_index
-    from .inference import _intensity_model, preset_inputs, sample_multiscale
+    from .inference import intensity_model_for, preset_inputs, sample_multiscale
     from .io import load_volume, read_image
     from .labels import load_tree
     from .sources.labelmap import IGNORE  # brain voxels of none of our classes: not scored
@@ -119,7 +119,7 @@ def collect_real_cases(
             mirror_permutation=mirror_permutation if params["mirror"] else None, fine=fine,
         )
         grid = fine_grid or grid  # the grid the result lies on
-        intensity = _intensity_model(res.mean, grid, image, params, seed + i)
+        intensity = intensity_model_for(res.mean, grid, image, params, seed + i)
         labels, _ = backproject(res.mean, grid, image, tree.channel_to_aseg, intensity=intensity)
         pred = lut[sitk.GetArrayViewFromImage(labels)]  # (k, j, i), channels
         ref_img = sitk.Resample(read_image(case["labels"]), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)

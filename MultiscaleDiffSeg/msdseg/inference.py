@@ -139,7 +139,7 @@ def segment_image(
     error_prob = error_probability(temper(result.mean, temperature))
     if params.get("intensity"):
         report(0.90, "fitting this scan's intensities")
-    intensity = _intensity_model(result.mean, grid, image, params, settings.seed)
+    intensity = intensity_model_for(result.mean, grid, image, params, settings.seed)
     step = "labels at the scan's voxels, sharpened by its intensities" if intensity else "mapping labels back to the input grid"
     report(0.92, step)
 
@@ -179,7 +179,7 @@ def segment_image(
     return SegmentationResult(labels, unc, volumes, tree, info)
 
 
-def _intensity_model(
+def intensity_model_for(
     probs: torch.Tensor, grid: ModelGrid, image: sitk.Image, params: Mapping[str, Any], seed: int,
 ) -> IntensityModel | None:
     """The scan's fitted intensity model when the preset asks for it and the scan is fine enough
