@@ -171,12 +171,21 @@ def segment_image(
         "seed": settings.seed,
         "seconds": round(time.time() - t_start, 2),
         "calibration_temperature": temperature,
-        "mean_uncertainty": float(error_prob.mean()),
+        "mean_uncertainty": _labelled_mean(unc, arr),
         "grid_origin_ras": list(grid.origin_ras),
         "grid_shape": list(grid.shape),
     }
     report(1.0, "done")
     return SegmentationResult(labels, unc, volumes, tree, info)
+
+
+def _labelled_mean(uncertainty: sitk.Image | None, labels: np.ndarray) -> float | None:
+    """Mean of the uncertainty map the user gets over the voxels it labels (None without a map):
+    the figure a reader of ``info`` expects, on the input grid and after any intensity refinement."""
+    if uncertainty is None:
+        return None
+    inside = np.asarray(labels) > 0
+    return float(sitk.GetArrayViewFromImage(uncertainty)[inside].mean()) if inside.any() else 0.0
 
 
 def intensity_model_for(

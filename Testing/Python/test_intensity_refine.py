@@ -136,8 +136,12 @@ def test_segmenting_reports_the_refinement_and_can_be_cancelled_while_mapping_ba
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions), "progress only moves forward"
     off = segment_image(img, SegmentSettings(preset="fast", device="cpu", model=untrained_model,
-                                             check_brain=False, intensity=False))
+                                             check_brain=False, intensity=False, uncertainty=True))
     assert off.info["intensity_refined"] is False
+    assert res.uncertainty is None and res.info["mean_uncertainty"] is None  # no map, no mean
+    labelled = sitk.GetArrayFromImage(off.labels) > 0  # else the mean of the delivered map over what it labels
+    assert labelled.any()
+    assert off.info["mean_uncertainty"] == pytest.approx(float(sitk.GetArrayFromImage(off.uncertainty)[labelled].mean()))
     mapped: list[float] = []
     with pytest.raises(Cancelled):  # cancelled once the labels are being mapped back
         segment_image(img, fast, progress=lambda f, m: mapped.append(f), cancel=lambda: bool(mapped) and mapped[-1] >= 0.92)
