@@ -30,7 +30,7 @@ def _progress_printer(mode: str, prefix: str = "") -> Callable[[float, str], Non
 
         def update(frac: float, msg: str) -> None:
             bar.n = int(1000 * frac)
-            bar.set_postfix_str(msg[:40])
+            bar.set_postfix_str(msg[:40], refresh=False)  # one render per update, not two (log files)
             bar.refresh()
             if frac >= 1.0:
                 bar.close()

@@ -109,3 +109,16 @@ def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):
 def test_info_reports_model_and_tree():
     res = run_cli("info")
     assert res.returncode == 0 and "32 leaves" in res.stdout
+
+
+def test_progress_bar_renders_each_update_once(capsys):
+    """A log file of a CLI run gets one bar line per progress update, not two."""
+    from msdseg.cli import _progress_printer
+
+    update = _progress_printer("bar")
+    for i, msg in enumerate(("sample 1/2, step 1/4", "sample 1/2, step 2/4", "mapping back")):
+        update(0.2 * (i + 1), msg)
+    update(1.0, "done")
+    err = capsys.readouterr().err
+    for msg in ("sample 1/2, step 1/4", "sample 1/2, step 2/4", "mapping back"):
+        assert err.count(msg) == 1, err
