@@ -26,7 +26,7 @@ def _progress_printer(mode: str, prefix: str = "") -> Callable[[float, str], Non
     if mode == "bar":
         from tqdm import tqdm
 
-        bar = tqdm(total=1000, desc=prefix.strip() or "segment", unit="‰", leave=False, file=sys.stderr)
+        bar = tqdm(total=1000, desc=prefix.strip().rstrip(":") or "segment", unit="‰", leave=False, file=sys.stderr)
 
         def update(frac: float, msg: str) -> None:
             bar.n = int(1000 * frac)
