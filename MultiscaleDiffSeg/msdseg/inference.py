@@ -27,6 +27,7 @@ from .io import squeeze_to_3d, validate_image
 from .labels import LabelTree, load_tree
 from .modelfile import LoadedModel, load_model
 from .presets import PRESETS
+from .sidecar import uncertainty_by_structure
 from .volumes import structure_volumes
 
 log = logging.getLogger("msdseg")
@@ -157,6 +158,8 @@ def segment_image(
     volumes = structure_volumes(np.asarray(arr), image.GetSpacing(), tree)
     if loaded.trained and settings.check_brain:
         _check_brain_like(volumes.get(tree.root.id, 0.0))
+    # the delivered map's mean over the voxels it labels (the sidecar's brain_mean_uncertainty)
+    mean_uncertainty = None if unc is None else uncertainty_by_structure(arr, sitk.GetArrayViewFromImage(unc), tree)[1]
     info = {
         "model": loaded.name,
         "trained": loaded.trained,
@@ -171,21 +174,12 @@ def segment_image(
         "seed": settings.seed,
         "seconds": round(time.time() - t_start, 2),
         "calibration_temperature": temperature,
-        "mean_uncertainty": _labelled_mean(unc, arr),
+        "mean_uncertainty": mean_uncertainty,
         "grid_origin_ras": list(grid.origin_ras),
         "grid_shape": list(grid.shape),
     }
     report(1.0, "done")
     return SegmentationResult(labels, unc, volumes, tree, info)
-
-
-def _labelled_mean(uncertainty: sitk.Image | None, labels: np.ndarray) -> float | None:
-    """Mean of the uncertainty map the user gets over the voxels it labels (None without a map):
-    the figure a reader of ``info`` expects, on the input grid and after any intensity refinement."""
-    if uncertainty is None:
-        return None
-    inside = np.asarray(labels) > 0
-    return float(sitk.GetArrayViewFromImage(uncertainty)[inside].mean()) if inside.any() else 0.0
 
 
 def intensity_model_for(
