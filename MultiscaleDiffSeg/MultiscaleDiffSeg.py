@@ -91,7 +91,8 @@ from MultiscaleDiffSegLib.settings import (
     DEVICE_PROBE_CODE,
     Device,
     Preset,
-    RunSettings,
+    SegmentSettings,
+    settings_from_widgets,
     estimate_text,
     python_executable,
     resolve_device,
@@ -147,7 +148,7 @@ def sampleT1Path() -> Path | None:
 
 
 def sha256(path: Path) -> str:
-    from msdseg.hashing import sha256_file
+    from msdseg.core.hashing import sha256_file
 
     return sha256_file(path)
 
@@ -327,9 +328,9 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.applyButton.toolTip = _("Select a T1 volume.")
             self.ui.applyButton.enabled = False
 
-    def _settings(self) -> RunSettings:
+    def _settings(self) -> SegmentSettings:
         p = self._parameterNode
-        return RunSettings.from_values(p.preset, p.device, p.steps, p.samples, p.uncertainty, p.seed)
+        return settings_from_widgets(p.preset, p.device, p.steps, p.samples, p.uncertainty, p.seed)
 
     # ------------------------------------------------------------------ device and estimate
     def _startDeviceProbe(self) -> None:
@@ -601,7 +602,7 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         callback: Callable[[float, str], None] | None = None,
         onDone: Callable[[JobResult], None] | None = None,
         blocking: bool = True,
-        settings: RunSettings | None = None,
+        settings: SegmentSettings | None = None,
         model: str | None = None,
     ):
         """Segment ``volumeNode``; results go into the scene of the volume.
@@ -615,10 +616,14 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         :param onDone: ``onDone(JobResult)`` when finished (mainly for ``blocking=False``).
         :param blocking: True waits and returns :class:`mrml.ResultNodes` (raises ``RuntimeError``
             on failure or cancel); False returns the running job at once.
+        :param settings: a :class:`msdseg.SegmentSettings` with any option of ``msdseg segment``
+            (precision, spacing, mirroring, refinement, intensity refinement, ...); replaces the
+            individual arguments above.
         """
         if volumeNode is None:
             raise ValueError("no input volume given")
-        settings = settings or RunSettings.from_values(preset, device, steps, samples, uncertainty, seed, model)
+        settings = (settings.validate() if settings is not None
+                    else settings_from_widgets(preset, device, steps, samples, uncertainty, seed, model))
         self.ensureDependencies(askConfirmation=True)
         self.log(f"Segmenting '{volumeNode.GetName()}': preset {settings.preset}, device {settings.device}")
         job = SegmentationJob(volumeNode, settings, self.workerConfig(), segmentation_node=segmentationNode,
@@ -646,6 +651,7 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         onDone: Callable[[JobResult], None] | None = None,
         blocking: bool = True,
         model: str | None = None,
+        settings: SegmentSettings | None = None,
     ):
         """Segment image files into ``outputDir`` (cohorts): one worker for all files.
 
@@ -653,9 +659,12 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         Finished cases are skipped on a second run unless ``overwrite``; one failing file does not
         stop the others.  Blocking: returns a list of :class:`CaseResult` (``status`` done/failed,
         ``outputs`` kind -> path, ``reason``); with ``loadResults`` the finished cases are also
-        loaded into the scene.  Non-blocking: returns the running job.
+        loaded into the scene.  Non-blocking: returns the running job.  ``settings``: a
+        :class:`msdseg.SegmentSettings` with any option of ``msdseg segment``, in place of the
+        individual arguments.
         """
-        settings = RunSettings.from_values(preset, device, steps, samples, uncertainty, seed, model)
+        settings = (settings.validate() if settings is not None
+                    else settings_from_widgets(preset, device, steps, samples, uncertainty, seed, model))
         self.ensureDependencies(askConfirmation=True)
         job = CohortJob(paths, outputDir, settings, self.workerConfig(), overwrite=overwrite,
                         on_progress=callback, on_log=self.log, on_done=self._onDone(onDone))
@@ -690,14 +699,14 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
         (or 'left'/'right', or any structure of the hierarchy such as 'left_subcortical')."""
         segmentationNode = segmentationNode or self.lastSegmentation()
         if segmentationNode is None:
-            raise ValueError("no segmentation given and no result of this session")
+            raise ValueError("no segmentation given and none segmented since Slicer started")
         return mrml.set_group_visibility(segmentationNode, group, visible)
 
     def show3D(self, segmentationNode=None) -> None:
         """Closed surfaces and 3D display for all segments (same as the 'Show 3D' button)."""
         segmentationNode = segmentationNode or self.lastSegmentation()
         if segmentationNode is None:
-            raise ValueError("no segmentation given and no result of this session")
+            raise ValueError("no segmentation given and none segmented since Slicer started")
         mrml.show_3d(segmentationNode)
 
     def attachVisibilitySync(self) -> int:
@@ -706,7 +715,7 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ device probe
     def startDeviceProbe(self, onResult: Callable[[dict | None], None] | None = None) -> None:
-        """Ask the worker's Python which devices torch sees (asynchronously, once per session)."""
+        """Ask the worker's Python which devices torch sees (asynchronously, once while Slicer runs)."""
         if qt is None or (self._probeProcess is not None and self._probeProcess.running):
             return
         plan = self.dependencyPlan()
@@ -768,7 +777,7 @@ class MultiscaleDiffSegTest(ScriptedLoadableModuleTest):
         """Synthetic oblique volume and aseg labels -> segmentation, groups, table (no PyTorch needed)."""
         import numpy as np
         import SimpleITK as sitk
-        from msdseg.labels import load_tree
+        from msdseg.core.labels import load_tree
 
         self.delayDisplay("Importing synthetic labels")
         tree = load_tree()

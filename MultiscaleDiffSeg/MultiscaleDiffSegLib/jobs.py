@@ -22,7 +22,9 @@ import SimpleITK as sitk
 
 from . import mrml
 from .process import BackgroundProcess, ProcessOutcome
-from .settings import INPUT_FILE_NAME, RunSettings, output_files, segment_command, worker_environment
+from msdseg.core.settings import SegmentSettings
+
+from .settings import INPUT_FILE_NAME, output_files, segment_command, worker_environment
 
 ProgressCallback = Callable[[float, str], None]
 LogCallback = Callable[[str], None]
@@ -134,7 +136,7 @@ class SegmentationJob(_PollingJob):
     def __init__(
         self,
         input_volume,
-        settings: RunSettings,
+        settings: SegmentSettings,
         worker: WorkerConfig,
         segmentation_node=None,
         on_progress: ProgressCallback | None = None,
@@ -239,7 +241,7 @@ class CohortJob(_PollingJob):
         self,
         paths: Sequence[str | os.PathLike],
         output_dir: str | os.PathLike,
-        settings: RunSettings,
+        settings: SegmentSettings,
         worker: WorkerConfig,
         overwrite: bool = False,
         on_progress: ProgressCallback | None = None,
@@ -280,7 +282,7 @@ class CohortJob(_PollingJob):
 
     def case_results(self) -> list[CaseResult]:
         """Per input: the output files that exist, or the core's failure reason."""
-        from msdseg.cohort import assign_stems, expand_inputs  # Qt-free core helpers
+        from msdseg.batch.cohort import assign_stems, expand_inputs  # Qt-free core helpers
 
         try:
             cases = assign_stems(expand_inputs(self.paths))
@@ -314,7 +316,7 @@ def _quote(text: str) -> str:
 
 def load_case_into_scene(scene, case: CaseResult) -> mrml.ResultNodes:
     """Load one finished cohort case (input volume + results) into ``scene``."""
-    from msdseg.io import read_image
+    from msdseg.core.io import read_image
 
     image = read_image(case.input)
     volume = mrml.add_volume_from_sitk(scene, image, case.stem)

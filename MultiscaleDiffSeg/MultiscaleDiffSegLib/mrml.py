@@ -31,8 +31,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from msdseg.labels import LabelTree, Node, load_tree
-from msdseg.volumes import laterality_name, structure_volumes
+from msdseg.core.labels import LabelTree, Node, load_tree
+from msdseg.core.volumes import laterality_name, structure_volumes
 
 # ----------------------------------------------------------------------------- names of things
 ROLE_ATTRIBUTE = "MultiscaleDiffSeg.Role"

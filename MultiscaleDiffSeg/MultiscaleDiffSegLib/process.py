@@ -131,7 +131,7 @@ class BackgroundProcess:
 
     # ------------------------------------------------------------------ start
     def start(self) -> "BackgroundProcess":
-        """Start the process in its own process group/session so that cancel reaches its children."""
+        """Start the process as the leader of its own process group so that cancel reaches its children."""
         if self.started:
             raise RuntimeError("this process was already started")
         self._start_time = time.monotonic()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from msdseg.presets import PRESETS, preset_label
+from msdseg.core.settings import DEFAULT_PRESET, PRESETS, SegmentSettings, preset_label
 
 
 class Preset(enum.Enum):
@@ -55,62 +55,30 @@ SAMPLES_PRESET_DEFAULT = 0
 INPUT_FILE_NAME = "input.nrrd"
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything the worker needs besides the image; mirrors ``msdseg.inference.SegmentSettings``."""
-
-    preset: str = "balanced"
-    device: str = "auto"
-    steps: int | None = None
-    samples: int | None = None
-    uncertainty: bool = False
-    seed: int = 0
-    model: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESET_LABELS:
-            raise ValueError(f"unknown preset '{self.preset}' (choose {', '.join(PRESET_LABELS)})")
-        if self.device not in DEVICE_LABELS:
-            raise ValueError(f"unknown device '{self.device}' (choose {', '.join(DEVICE_LABELS)})")
-        if self.steps is not None and self.steps < 0:
-            raise ValueError("steps must be 0 (one deterministic pass) or more")
-        if self.samples is not None and self.samples < 1:
-            raise ValueError("samples must be at least 1")
-
-    @classmethod
-    def from_values(
-        cls,
-        preset: Any = "balanced",
-        device: Any = "auto",
-        steps: int | None = None,
-        samples: int | None = None,
-        uncertainty: bool = False,
-        seed: int = 0,
-        model: str | None = None,
-    ) -> "RunSettings":
-        """Accept enums or strings, and the spin boxes' "preset default" values, from any front end."""
-        return cls(
-            preset=_enum_value(preset),
-            device=_enum_value(device),
-            steps=None if steps is None or steps <= STEPS_PRESET_DEFAULT else int(steps),
-            samples=None if samples is None or samples <= SAMPLES_PRESET_DEFAULT else int(samples),
-            uncertainty=bool(uncertainty),
-            seed=int(seed),
-            model=model or None,
-        )
-
-    def cli_options(self) -> list[str]:
-        """Options of ``msdseg segment`` for these settings (always with JSON progress)."""
-        args = ["--progress", "json", "--preset", self.preset, "--device", self.device, "--seed", str(self.seed)]
-        if self.steps is not None:
-            args += ["--steps", str(self.steps)]
-        if self.samples is not None:
-            args += ["--samples", str(self.samples)]
-        if self.uncertainty:
-            args.append("--uncertainty")
-        if self.model:
-            args += ["--model", str(self.model)]
-        return args
+def settings_from_widgets(
+    preset: Any = DEFAULT_PRESET,
+    device: Any = "auto",
+    steps: int | None = None,
+    samples: int | None = None,
+    uncertainty: bool = False,
+    seed: int = 0,
+    model: str | None = None,
+    **more: Any,
+) -> SegmentSettings:
+    """The core's settings from widget values: enums or strings, and the spin boxes' "preset
+    default" values (:data:`STEPS_PRESET_DEFAULT`, :data:`SAMPLES_PRESET_DEFAULT`); ``more`` takes
+    any other :class:`~msdseg.core.settings.SegmentSettings` field.  Validated: a bad value raises
+    :class:`ValueError` naming it."""
+    return SegmentSettings(
+        preset=_enum_value(preset),
+        device=_enum_value(device),
+        steps=None if steps is None or steps <= STEPS_PRESET_DEFAULT else int(steps),
+        samples=None if samples is None or samples <= SAMPLES_PRESET_DEFAULT else int(samples),
+        uncertainty=bool(uncertainty),
+        seed=int(seed),
+        model=str(model) if model else None,
+        **more,
+    ).validate()
 
 
 def _enum_value(value: Any) -> str:
@@ -122,7 +90,7 @@ def segment_command(
     python: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
-    settings: RunSettings,
+    settings: SegmentSettings,
     overwrite: bool = True,
 ) -> list[str]:
     """``[python, -m, msdseg, segment, IN..., -o, OUT, --progress, json, ...]``.
@@ -131,7 +99,7 @@ def segment_command(
     cohorts pass False so that a second run skips finished cases.
     """
     cmd = [str(python), "-m", "msdseg", "segment", *[str(p) for p in inputs], "-o", str(output_dir)]
-    cmd += settings.cli_options()
+    cmd += ["--progress", "json", *settings.cli_options()]
     if overwrite:
         cmd.append("--overwrite")
     return cmd
@@ -159,7 +127,7 @@ def worker_environment(
 
 
 def output_files(output_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """The core's per-case output contract (``docs/CONTRACTS.md``): kind -> path."""
+    """The core's per-case output contract (``docs/cohorts.md``, outputs): kind -> path."""
     out = Path(output_dir)
     return {
         "labels": out / f"{stem}_labels.nii.gz",
@@ -203,7 +171,7 @@ class DeviceChoice:
 
 
 def resolve_device(requested: str, probe: Mapping[str, Any] | None) -> DeviceChoice:
-    """Predict the device the core will pick (same rule as ``msdseg.devices.resolve_device``).
+    """Predict the device the core will pick (same rule as ``msdseg.model.devices.resolve_device``).
 
     ``probe`` is the JSON printed by :data:`DEVICE_PROBE_CODE` in the worker's Python, or None
     while it is unknown.  Probing in the worker keeps torch (and its GPU libraries) out of Slicer's
@@ -240,14 +208,14 @@ TIME_TABLE_SECONDS: dict[str, dict[str, float]] = {
     "cuda": {"fast": 15.0, "balanced": 20.0, "accurate": 25.0},
 }
 #: Network passes of each preset (steps x samples), to scale the table for custom steps/samples.
-PRESET_STEPS = {name: int(p["steps"]) for name, p in PRESETS.items()}
-PRESET_SAMPLES = {name: int(p["samples"]) for name, p in PRESETS.items()}
+PRESET_STEPS = {name: p.steps for name, p in PRESETS.items()}
+PRESET_SAMPLES = {name: p.samples for name, p in PRESETS.items()}
 PRESET_PASSES = {name: max(1, PRESET_STEPS[name]) * PRESET_SAMPLES[name] for name in PRESETS}
 STARTUP_SECONDS = 18.0
 REFERENCE_VOXELS = 200 * 230 * 190
 
 
-def estimate_seconds(settings: RunSettings, device: str, n_voxels: int | None = None) -> float | None:
+def estimate_seconds(settings: SegmentSettings, device: str, n_voxels: int | None = None) -> float | None:
     """A rough time for one volume, or None when the device is not known yet.
 
     Scales the table by the number of network passes when steps/samples are overridden; the
@@ -280,7 +248,7 @@ def format_duration(seconds: float | None) -> str:
     return f"about {seconds / 3600.0:.1f} h"
 
 
-def estimate_text(settings: RunSettings, choice: DeviceChoice, n_voxels: int | None = None) -> str:
+def estimate_text(settings: SegmentSettings, choice: DeviceChoice, n_voxels: int | None = None) -> str:
     """One line for the UI: device and time, saying that the time is an estimate."""
     if not choice.usable:
         return f"Device: {choice.text}"

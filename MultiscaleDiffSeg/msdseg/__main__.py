@@ -1,6 +1,6 @@
 """``python -m msdseg`` runs the command line (used by the Slicer module's worker process)."""
 import sys
 
-from .cli import main
+from msdseg.cli.main import main
 
 sys.exit(main())

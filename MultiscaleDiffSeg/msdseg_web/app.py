@@ -30,12 +30,12 @@ from trame_slicer.core import SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from MultiscaleDiffSegLib import mrml
-from msdseg.errors import InputError
-from msdseg.inference import SegmentSettings
-from msdseg.io import case_stem, load_volume
-from msdseg.labels import load_tree
-from msdseg.outputs import write_seg_nrrd
-from msdseg.volumes import structure_volumes
+from msdseg.core.errors import InputError
+from msdseg.core.settings import SegmentSettings
+from msdseg.core.io import case_stem, load_volume
+from msdseg.core.labels import load_tree
+from msdseg.outputs.writers import write_seg_nrrd
+from msdseg.core.volumes import structure_volumes
 
 from . import scene
 from .panels import group_state_key

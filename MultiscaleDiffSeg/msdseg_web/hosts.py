@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from msdseg.errors import InputError
+from msdseg.core.errors import InputError
 
 DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})

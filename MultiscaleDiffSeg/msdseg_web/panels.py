@@ -21,8 +21,8 @@ from trame.widgets.vuetify3 import (
     VTable,
 )
 
-from msdseg.labels import LabelTree
-from msdseg.presets import PRESETS as PRESET_TABLE, preset_label
+from msdseg.core.labels import LabelTree
+from msdseg.core.settings import PRESETS as PRESET_TABLE, preset_label
 
 from .widgets import DownloadButton, UploadField
 

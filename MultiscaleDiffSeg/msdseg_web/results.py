@@ -13,15 +13,15 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from msdseg.errors import InputError
-from msdseg.io import read_image
-from msdseg.labels import LabelTree
-from msdseg.outputs import read_seg_nrrd_labels, write_case_outputs
+from msdseg.core.errors import InputError
+from msdseg.core.io import read_image
+from msdseg.core.labels import LabelTree
+from msdseg.outputs.writers import read_seg_nrrd_labels, write_case_outputs
 
 
 @dataclass
 class EditedCase:
-    """What :func:`msdseg.outputs.write_case_outputs` needs; volumes are counted from the labels."""
+    """What :func:`msdseg.outputs.writers.write_case_outputs` needs; volumes are counted from the labels."""
 
     labels: sitk.Image
     uncertainty: sitk.Image | None

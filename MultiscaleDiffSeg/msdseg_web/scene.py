@@ -15,7 +15,7 @@ import slicer
 import vtk
 
 from MultiscaleDiffSegLib import mrml
-from msdseg.labels import LabelTree
+from msdseg.core.labels import LabelTree
 
 
 def add_t1(scene, image: sitk.Image, name: str):

@@ -32,7 +32,7 @@ from trame_slicer.app.ui import LayoutButtonState
 from trame_slicer.core import LayoutManager
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from msdseg.labels import LabelTree
+from msdseg.core.labels import LabelTree
 
 from .panels import SegmentationPanel, VolumesPanel
 

@@ -2,7 +2,7 @@
 
 Why not trame-slicer's ``write_client_files_to_dir``: it joins the client-supplied file name to
 the folder as is, so a name such as ``../../x`` would write outside it.  Here only the base name
-is kept, and a file is accepted as a T1 only when :func:`msdseg.io.read_image` accepts it (the
+is kept, and a file is accepted as a T1 only when :func:`msdseg.core.io.read_image` accepts it (the
 same validation as the command line: 3-D, finite, sane spacing, not empty or truncated).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import SimpleITK as sitk
 
-from msdseg.errors import InputError
-from msdseg.io import IMAGE_SUFFIXES, load_volume
+from msdseg.core.errors import InputError
+from msdseg.core.io import IMAGE_SUFFIXES, load_volume
 
 #: Detached-header formats: their header is the file to open, the data file comes along.
 HEADER_SUFFIXES = (".nhdr", ".mhd")

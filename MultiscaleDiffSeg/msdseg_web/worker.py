@@ -1,6 +1,6 @@
 """The segmentation job in a background thread, so the page stays live while the model runs.
 
-Why a thread and not a process: :func:`msdseg.inference.segment_image` already reports progress
+Why a thread and not a process: :func:`msdseg.inference.pipeline.segment_image` already reports progress
 and polls a cancel flag, PyTorch releases the GIL inside its kernels, and the network stays cached
 between runs (a new process would reload it each time).  The thread never touches MRML or the
 trame state: the app polls :meth:`SegmentationJob.status` from its event loop and imports the
@@ -15,8 +15,9 @@ from typing import Callable
 
 import SimpleITK as sitk
 
-from msdseg.errors import Cancelled, InputError
-from msdseg.inference import SegmentationResult, SegmentSettings, segment_image
+from msdseg.core.errors import Cancelled, InputError
+from msdseg.core.settings import SegmentSettings
+from msdseg.inference.pipeline import SegmentationResult, segment_image
 
 Segmenter = Callable[..., SegmentationResult]
 

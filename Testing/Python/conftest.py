@@ -56,8 +56,8 @@ def untrained_model(tmp_path_factory) -> str:
     shipped weights (and an untrained model skips the brain-volume plausibility check)."""
     import torch
 
-    from msdseg.model import ModelConfig, MultiscaleDiffUNet
-    from msdseg.modelfile import save_model
+    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
+    from msdseg.model.modelfile import save_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "untrained.safetensors"

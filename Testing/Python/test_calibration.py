@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.calibration import error_probability, fit_temperature, temper, temperature_for, write_calibration
+from msdseg.core.settings import Preset
+from msdseg.evaluation.calibrate import fit_temperature, write_calibration
+from msdseg.inference.calibration import error_probability, temper, temperature_for
 
 
 def test_temper_keeps_the_most_likely_label_and_softens_with_temperature():
@@ -22,7 +24,7 @@ def test_temper_keeps_the_most_likely_label_and_softens_with_temperature():
 
 def _single_corner(log_probs: np.ndarray, correct: np.ndarray):
     """Voxels that sit exactly on a model-grid point (one corner carries all the weight)."""
-    from msdseg.calibration_voxels import InputGridVoxels
+    from msdseg.evaluation.calibration_voxels import InputGridVoxels
 
     n, c = log_probs.shape
     corners = np.repeat(log_probs[:, None, :], 8, axis=1).astype(np.float32)
@@ -33,7 +35,7 @@ def _single_corner(log_probs: np.ndarray, correct: np.ndarray):
 
 def test_fit_recovers_a_known_overconfidence():
     """Labels drawn from softmax(z / 2) while the model claims softmax(z): the fit finds T = 2."""
-    from msdseg.calibration_voxels import InputGridVoxels
+    from msdseg.evaluation.calibration_voxels import InputGridVoxels
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 4, (40_000, 6))
@@ -53,8 +55,8 @@ def test_fit_recovers_a_known_overconfidence():
 def test_input_grid_voxels_interpolate_like_the_uncertainty_map():
     """A voxel between model-grid points states the trilinear blend of its corners' confidence
     (what backproject writes), and its label is the argmax of the blended probabilities."""
-    from msdseg.calibration import error_probability, temper
-    from msdseg.calibration_voxels import gather, inside
+    from msdseg.inference.calibration import error_probability, temper
+    from msdseg.evaluation.calibration_voxels import gather, inside
 
     probs = torch.softmax(torch.randn(4, 5, 6, 7) * 3, dim=0)
     points = np.array([[1.0, 2.0, 3.0], [1.5, 2.25, 3.75], [0.2, 4.9, 5.5], [4.0, 5.0, 6.0]])
@@ -75,7 +77,7 @@ def test_input_grid_voxels_interpolate_like_the_uncertainty_map():
 
 
 def test_temperature_is_read_from_the_model_json(tmp_path):
-    from msdseg.modelfile import default_model_path
+    from msdseg.model.modelfile import default_model_path
 
     assert temperature_for({}, "balanced") == 1.0
     shipped = default_model_path()
@@ -92,8 +94,10 @@ def test_uncertainty_map_is_the_calibrated_error_probability(tmp_path, oblique_p
     """Same labels with any temperature; a hotter model says it is less sure everywhere."""
     import SimpleITK as sitk
 
-    from msdseg.inference import SegmentSettings, segment_image
-    from msdseg.modelfile import default_model_path
+    from msdseg.core.settings import SegmentSettings
+
+    from msdseg.inference.pipeline import segment_image
+    from msdseg.model.modelfile import default_model_path
 
     shipped = default_model_path()
     maps = {}
@@ -115,12 +119,12 @@ def test_uncertainty_map_is_the_calibrated_error_probability(tmp_path, oblique_p
 
 def test_calibration_refuses_sources_without_a_complete_map():
     """Voxels of a partial map have no true label, so such maps cannot calibrate; say so."""
-    from msdseg.calibration import collect_cases
-    from msdseg.errors import InputError
-    from msdseg.model import MultiscaleDiffUNet
+    from msdseg.evaluation.calibrate import collect_cases
+    from msdseg.core.errors import InputError
+    from msdseg.model.network import MultiscaleDiffUNet
     from test_training import MODEL, _generator
 
-    params = {"spacing_mm": 4.0, "steps": 1, "samples": 1, "mirror": False}
+    params = Preset("test", spacing_mm=4.0, steps=1, samples=1, mirror=False, intensity=False)
     with pytest.raises(InputError, match="complete label maps"):
         collect_cases(MultiscaleDiffUNet(MODEL), _generator(), 1, params, seed=0, mirror_permutation=None)
 
@@ -128,7 +132,7 @@ def test_calibration_refuses_sources_without_a_complete_map():
 def test_real_cases_leave_painted_only_leaves_unscored(tmp_path):
     """A training map's painted-only leaves (IBSR's cortex) are not a reference the model is meant
     to match, so the real-image part of the fit does not score their voxels."""
-    from msdseg.calibration import real_training_cases
+    from msdseg.evaluation.calibrate import real_training_cases
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"maps": [
@@ -148,8 +152,8 @@ def test_synthetic_cases_are_whole_brain_1mm_t1_scans_from_nearly_complete_maps(
     and random contrasts, and takes maps lacking one leaf (SAMSEG has no CSF leaf) but not partial ones."""
     from dataclasses import asdict
 
-    from msdseg.calibration import calibration_synth_config, missing_leaves
-    from msdseg.synth import SynthConfig
+    from msdseg.evaluation.calibrate import calibration_synth_config, missing_leaves
+    from msdseg.training.synth import SynthConfig
 
     cal, train = asdict(calibration_synth_config()), asdict(SynthConfig())
     changed = ("thick_slice_prob", "fov_prob", "t1_prior_prob")
@@ -167,12 +171,12 @@ def test_synthetic_cases_are_whole_brain_1mm_t1_scans_from_nearly_complete_maps(
 
 
 def test_calibration_runs_of_different_presets_merge_when_fitted_on_the_same_cases():
-    from msdseg.calibration import merge_calibration
+    from msdseg.evaluation.calibrate import merge_calibration
 
-    first = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.calibration --data D --presets balanced --cases 8 --seed 1",
+    first = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.evaluation.calibrate --data D --presets balanced --cases 8 --seed 1",
              "presets": {"balanced": {"temperature": 2.0}, "fast": {"temperature": 2.0, "borrowed_from": "balanced"},
                          "accurate": {"temperature": 2.0, "borrowed_from": "balanced"}}}
-    second = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.calibration --data D --presets fast accurate --cases 8 --seed 1",
+    second = {"fitted_on": "8 cases, seed 1", "command": "python -m msdseg.evaluation.calibrate --data D --presets fast accurate --cases 8 --seed 1",
               "presets": {"fast": {"temperature": 2.2}, "accurate": {"temperature": 1.8},
                           "balanced": {"temperature": 2.2, "borrowed_from": "fast"}}}
     merged = merge_calibration(first, second)

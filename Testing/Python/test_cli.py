@@ -113,9 +113,9 @@ def test_info_reports_model_and_tree():
 
 def test_progress_bar_renders_each_update_once(capsys):
     """A log file of a CLI run gets one bar line per progress update, not two."""
-    from msdseg.cli import _progress_printer
+    from msdseg.core.progress import progress_printer
 
-    update = _progress_printer("bar", "demo: ")
+    update = progress_printer("bar", "demo: ")
     for i, msg in enumerate(("sample 1/2, step 1/4", "sample 1/2, step 2/4", "mapping back")):
         update(0.2 * (i + 1), msg)
     update(1.0, "done")

@@ -24,12 +24,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_image, phantom_fn
-from msdseg.cohort import assign_stems, case_complete, expand_inputs, run_cohort
-from msdseg.errors import InputError
-from msdseg.inference import SegmentSettings
-from msdseg.labels import load_tree
-from msdseg.qc import QCRules, CaseQCInput, PLAUSIBLE_ML, assess_cohort, robust_z
-from msdseg.sidecar import asymmetry_indices, intracranial_volume_ml, read_sidecar, uncertainty_by_structure
+from msdseg.batch.cohort import assign_stems, case_complete, expand_inputs, run_cohort
+from msdseg.core.errors import InputError
+from msdseg.core.settings import SegmentSettings
+from msdseg.core.labels import load_tree
+from msdseg.batch.qc import QCRules, CaseQCInput, PLAUSIBLE_ML, assess_cohort, robust_z
+from msdseg.outputs.sidecar import asymmetry_indices, intracranial_volume_ml, read_sidecar, uncertainty_by_structure
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FAST_ARGS = ["--preset", "fast", "--steps", "1"]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from msdseg.evaluate import (STRUCTURE_COLUMNS, evaluate, expected_calibration_error, freesurfer_cortex_map,
+from msdseg.evaluation.metrics import (STRUCTURE_COLUMNS, evaluate, expected_calibration_error, freesurfer_cortex_map,
                              write_report)
-from msdseg.labels import load_tree
+from msdseg.core.labels import load_tree
 
 TREE = load_tree()
 LEFTS = [leaf for leaf in TREE.leaves if leaf.id.startswith("left_")]

@@ -2,10 +2,10 @@
 the fastest and slowest mode, a Markdown table with one line per row, and one-line errors."""
 import numpy as np
 
-from msdseg.generator_timing import OPTION_SETS, main, markdown, time_generator
-from msdseg.labels import load_tree
-from msdseg.synth import LabelSource
-from msdseg.training import TrainMode
+from msdseg.training.generator_timing import OPTION_SETS, main, markdown, time_generator
+from msdseg.core.labels import load_tree
+from msdseg.training.synth import LabelSource
+from msdseg.training.trainer import TrainMode
 
 
 def _toy_source() -> LabelSource:

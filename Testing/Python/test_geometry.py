@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import make_image, phantom_fn, rotation
-from msdseg.backproject import backproject
-from msdseg.geometry import ModelGrid, head_grid, image_on_grid, input_index_to_grid_index
-from msdseg.io import image_from_ras_affine, ras_affine
+from msdseg.inference.backproject import backproject
+from msdseg.core.geometry import ModelGrid, head_grid, image_on_grid, input_index_to_grid_index
+from msdseg.core.io import image_from_ras_affine, ras_affine
 
 
 def side_probs(grid: ModelGrid) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_mgz_style_affine_round_trip():
 def test_big_endian_float_mgz_is_read(tmp_path):
     import nibabel as nib
 
-    from msdseg.io import read_image
+    from msdseg.core.io import read_image
 
     data = (np.arange(20 * 21 * 22, dtype=">f4").reshape(20, 21, 22) % 97) * 3.0
     aff = np.diag([-4.0, 4.0, 4.0, 1.0])

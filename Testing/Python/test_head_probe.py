@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from msdseg.head_probe import probe_head
+from msdseg.evaluation.diagnostics.head_probe import probe_head
 from test_training import TREE, _generator
 
 NAMES = ["background"] + [leaf.id for leaf in TREE.leaves]  # channel order

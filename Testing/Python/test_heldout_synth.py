@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from msdseg.errors import InputError
-from msdseg.heldout_synth import evaluate_synthetic, render_cases, summarise
-from msdseg.synth import IGNORE
+from msdseg.core.errors import InputError
+from msdseg.evaluation.heldout_synth import evaluate_synthetic, render_cases, summarise
+from msdseg.training.synth import IGNORE
 
 
 def _manifest(tmp_path, role="heldout"):
@@ -84,8 +84,8 @@ def test_a_model_is_scored_end_to_end_on_one_render(tmp_path, untrained_model):
 def test_renders_keep_the_training_contrasts_but_not_thick_slices_or_cuts():
     from dataclasses import asdict
 
-    from msdseg.heldout_synth import render_config
-    from msdseg.synth import SynthConfig
+    from msdseg.evaluation.heldout_synth import render_config
+    from msdseg.training.synth import SynthConfig
 
     cfg, train = asdict(render_config()), asdict(SynthConfig())
     assert cfg["thick_slice_prob"] == 0.0 and cfg["fov_prob"] == 0.0

@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from msdseg import devices
-from msdseg.devices import autocast_dtype, is_out_of_memory, resolve_device
-from msdseg.errors import InputError
-from msdseg.inference import PRESETS, SegmentSettings, _check_brain_like
-from msdseg.model import ModelConfig, MultiscaleDiffUNet
-from msdseg.modelfile import load_model, save_model
+from msdseg.model import devices
+from msdseg.model.devices import autocast_dtype, is_out_of_memory, resolve_device
+from msdseg.core.errors import InputError
+from msdseg.core.settings import PRESETS, SegmentSettings
+from msdseg.inference.pipeline import _check_brain_like
+from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
+from msdseg.model.modelfile import load_model, save_model
 
 
 def test_device_auto_and_explicit():
@@ -58,7 +59,7 @@ def test_out_of_memory_detection():
 def test_presets_and_overrides():
     assert set(PRESETS) == {"fast", "balanced", "accurate"}
     p = SegmentSettings(preset="balanced", steps=0, samples=3).resolved()
-    assert p["steps"] == 0 and p["samples"] == 3
+    assert p.steps == 0 and p.samples == 3
     with pytest.raises(InputError):
         SegmentSettings(preset="turbo").resolved()
     with pytest.raises(InputError):
@@ -94,8 +95,8 @@ def test_windowed_sampling_matches_whole_volume_when_one_window_covers_it(monkey
     answer as the whole-volume path when a single window covers the grid."""
     import numpy as np
 
-    import msdseg.inference as inf
-    from msdseg.geometry import ModelGrid
+    import msdseg.inference.sampling as inf
+    from msdseg.core.geometry import ModelGrid
 
     torch.manual_seed(0)
     model = MultiscaleDiffUNet(ModelConfig(channels=(4, 8, 8, 8), image_channels_per_depth=(4, 4, 8, 8))).eval()
@@ -111,16 +112,16 @@ def test_windowed_sampling_matches_whole_volume_when_one_window_covers_it(monkey
 def test_refinement_settings_resolve():
     """A preset or an override may finish at a finer spacing; nothing finer, or a deterministic
     pass, turns refinement off rather than failing."""
-    assert SegmentSettings(preset="balanced", refine_mm=1.0).resolved()["refine_mm"] == 1.0
-    assert SegmentSettings(preset="balanced", refine_mm=0).resolved()["refine_mm"] is None
-    assert SegmentSettings(preset="balanced", refine_mm=2.0).resolved()["refine_mm"] is None
-    assert SegmentSettings(preset="balanced", refine_mm=1.0, steps=0).resolved()["refine_mm"] is None
+    assert SegmentSettings(preset="balanced", refine_mm=1.0).resolved().refine_mm == 1.0
+    assert SegmentSettings(preset="balanced", refine_mm=0).resolved().refine_mm is None
+    assert SegmentSettings(preset="balanced", refine_mm=2.0).resolved().refine_mm is None
+    assert SegmentSettings(preset="balanced", refine_mm=1.0, steps=0).resolved().refine_mm is None
 
 
 def test_ddim_from_an_initial_answer_runs_only_the_remaining_steps():
     """Started at step k of n from an initial answer, each chain makes n - k denoiser calls, sees
     that answer through the noise and never the pure-noise timestep."""
-    from msdseg.diffusion import ddim_sample
+    from msdseg.model.diffusion import ddim_sample
 
     calls = []
     init = torch.zeros(3, 6, 6, 6)
@@ -139,7 +140,7 @@ def test_ddim_from_an_initial_answer_runs_only_the_remaining_steps():
 
 def test_segment_with_refinement_returns_labels_on_the_input_grid(untrained_model, oblique_phantom):
     """The whole coarse-to-fine path on an oblique phantom: coarse 4 mm, refined at 2 mm."""
-    from msdseg.inference import segment_image
+    from msdseg.inference.pipeline import segment_image
 
     seen = []
     res = segment_image(oblique_phantom, SegmentSettings(

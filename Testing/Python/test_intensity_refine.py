@@ -4,11 +4,11 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_image
-from msdseg.backproject import backproject, fit_voxels
-from msdseg.calibration_voxels import gather, gather_refined, interpolated
-from msdseg.geometry import ModelGrid
-from msdseg.inference import SegmentSettings
-from msdseg.intensity_refine import BAND, IntensityModel, fit_intensity_model, worth_refining
+from msdseg.inference.backproject import backproject, fit_voxels
+from msdseg.evaluation.calibration_voxels import gather, gather_refined, interpolated
+from msdseg.core.geometry import ModelGrid
+from msdseg.core.settings import SegmentSettings
+from msdseg.inference.intensity import BAND, IntensityModel, fit_intensity_model, worth_refining
 
 
 def _soft(true_class: np.ndarray, n_classes: int, sure: float) -> torch.Tensor:
@@ -115,17 +115,17 @@ def test_calibration_voxels_state_the_refined_posterior():
 
 
 def test_presets_refine_by_default_and_the_setting_turns_it_off():
-    assert SegmentSettings().resolved()["intensity"] is True
-    assert SegmentSettings(preset="fast").resolved()["intensity"] is True
-    assert SegmentSettings(intensity=False).resolved()["intensity"] is False
+    assert SegmentSettings().resolved().intensity is True
+    assert SegmentSettings(preset="fast").resolved().intensity is True
+    assert SegmentSettings(intensity=False).resolved().intensity is False
 
 
 def test_segmenting_reports_the_refinement_and_can_be_cancelled_while_mapping_back(untrained_model):
     import pytest
 
     from conftest import phantom_fn
-    from msdseg.errors import Cancelled
-    from msdseg.inference import segment_image
+    from msdseg.core.errors import Cancelled
+    from msdseg.inference.pipeline import segment_image
 
     img = make_image((100, 124, 100), (1.5, 1.5, 1.5), np.eye(3), (0.0, 0.0, 0.0), phantom_fn)
     messages: list[tuple[float, str]] = []

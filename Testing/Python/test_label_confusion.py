@@ -5,7 +5,7 @@ import csv
 import nibabel as nib
 import numpy as np
 
-from msdseg.label_confusion import confusion_ml, label_rows, main
+from msdseg.evaluation.diagnostics.label_confusion import confusion_ml, label_rows, main
 
 
 def _maps():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from msdseg.labels import load_tree
+from msdseg.core.labels import load_tree
 
 ASEG = {2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 26, 28, 41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54,
         58, 60, 14, 15, 16, 24}

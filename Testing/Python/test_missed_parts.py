@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 
-from msdseg.missed_parts import main, missed_parts
+from msdseg.evaluation.diagnostics.missed_parts import main, missed_parts
 
 
 def _maps():

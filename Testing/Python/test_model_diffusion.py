@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.diffusion import RunningEnsemble, ddim_sample, make_sampling_scheduler, suf_weight
-from msdseg.geometry import ModelGrid
-from msdseg.labels import load_tree
-from msdseg.losses import HierarchicalLoss
-from msdseg.model import ModelConfig, MultiscaleDiffUNet, count_parameters
-from msdseg.synth import TrainingSample
-from msdseg.training import TrainConfig, Trainer, TrainMode
+from msdseg.model.diffusion import RunningEnsemble, ddim_sample, make_sampling_scheduler, suf_weight
+from msdseg.core.geometry import ModelGrid
+from msdseg.core.labels import load_tree
+from msdseg.training.losses import HierarchicalLoss
+from msdseg.model.network import ModelConfig, MultiscaleDiffUNet, count_parameters
+from msdseg.training.synth import TrainingSample
+from msdseg.training.trainer import TrainConfig, Trainer, TrainMode
 
 
 def test_default_model_is_small_enough_for_cpu():
@@ -77,7 +77,7 @@ def test_suf_weights_favour_late_and_certain_steps():
 _MEMORY_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
-    from msdseg.diffusion import ddim_sample
+    from msdseg.model.diffusion import ddim_sample
     torch.set_num_threads(1)
     samples = int(sys.argv[1])
     def denoise(x, t):
@@ -153,7 +153,7 @@ def test_overfit_left_right_phantom_through_ddim(tmp_path):
 def test_mirrored_view_answers_in_the_original_frame():
     """A denoiser that is exactly mirror-equivariant gives the same ensemble with or without the
     mirrored view; the sequence of views alternates between samples."""
-    from msdseg.inference import _mirrored
+    from msdseg.inference.sampling import _mirrored
 
     tree = load_tree()
     perm = torch.as_tensor(tree.flip_permutation)
@@ -194,14 +194,14 @@ def test_mirrored_view_answers_in_the_original_frame():
 
 def test_training_timesteps_cover_every_preset_step():
     """Training skips the smallest timesteps; no preset may sample one of them."""
-    from msdseg.diffusion import make_train_scheduler, noisy_labels
-    from msdseg.inference import PRESETS
-    from msdseg.training import TrainConfig
+    from msdseg.model.diffusion import make_train_scheduler, noisy_labels
+    from msdseg.core.settings import PRESETS
+    from msdseg.training.trainer import TrainConfig
 
     t_min = TrainConfig(out_dir=".").t_min
     for name, p in PRESETS.items():
-        if p["steps"] > 0:
-            assert int(make_sampling_scheduler(int(p["steps"])).timesteps.min()) >= t_min, name
+        if p.steps > 0:
+            assert int(make_sampling_scheduler(p.steps).timesteps.min()) >= t_min, name
     gen = torch.Generator().manual_seed(0)
     ts = [int(noisy_labels(make_train_scheduler(), torch.zeros(1, 2, 2, 2, 2), gen, t_min)[1]) for _ in range(300)]
     assert min(ts) >= t_min and max(ts) > 900
@@ -209,7 +209,7 @@ def test_training_timesteps_cover_every_preset_step():
 
 def test_top_timestep_share_draws_signal_free_noise_levels():
     """``top_prob`` of the items come from [top_min, T); the rest stay uniform over [t_min, T)."""
-    from msdseg.diffusion import make_train_scheduler, noisy_labels
+    from msdseg.model.diffusion import make_train_scheduler, noisy_labels
 
     sched = make_train_scheduler()
     onehot = torch.zeros(4000, 2, 1, 1, 1)
@@ -234,8 +234,8 @@ def test_refining_head_starts_as_the_upsampled_coarser_answer_and_round_trips(tm
     layout survives save/load, and a model without the key loads as before."""
     import torch.nn.functional as F
 
-    from msdseg.model import ModelConfig, MultiscaleDiffUNet
-    from msdseg.modelfile import load_model, save_model
+    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
+    from msdseg.model.modelfile import load_model, save_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_classes=5, channels=(4, 8, 8), image_channels_per_depth=(4, 4, 8),

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.errors import InputError
-from msdseg.labels import load_tree
-from msdseg.model import ModelConfig, MultiscaleDiffUNet, count_parameters
-from msdseg.model_widen import parse_widths, widen_model, widened_config
+from msdseg.core.errors import InputError
+from msdseg.core.labels import load_tree
+from msdseg.model.network import ModelConfig, MultiscaleDiffUNet, count_parameters
+from msdseg.training.widen import parse_widths, widen_model, widened_config
 
 TREE = load_tree()
 SMALL = ModelConfig(spacings_mm=(1.0, 2.0, 4.0, 8.0), channels=(4, 8, 8, 16),
@@ -87,9 +87,9 @@ def test_widths_are_checked_with_one_line_errors():
 
 
 def test_widened_run_resumes_on_the_wide_layout_and_exports_a_loadable_model(tmp_path):
-    from msdseg.modelfile import load_model, save_model
-    from msdseg.synth import LabelSource, SyntheticGenerator
-    from msdseg.training import TrainConfig, Trainer, TrainMode, export_checkpoint, synthetic_sample_fn
+    from msdseg.model.modelfile import load_model, save_model
+    from msdseg.training.synth import LabelSource, SyntheticGenerator
+    from msdseg.training.trainer import TrainConfig, Trainer, TrainMode, export_checkpoint, synthetic_sample_fn
 
     cfg = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(4, 4, 8), image_channels_per_depth=(4, 4, 8),
                       time_dim=16)

@@ -22,8 +22,8 @@ MODULE_DIR = Path(__file__).resolve().parents[2] / "MultiscaleDiffSeg"
 sys.path.insert(0, str(MODULE_DIR))
 
 from MultiscaleDiffSegLib import mrml  # noqa: E402
-from msdseg.labels import load_tree  # noqa: E402
-from msdseg.volumes import structure_volumes  # noqa: E402
+from msdseg.core.labels import load_tree  # noqa: E402
+from msdseg.core.volumes import structure_volumes  # noqa: E402
 from conftest import rotation
 
 TREE = load_tree()
@@ -147,7 +147,7 @@ def test_volume_to_sitk_keeps_voxels_and_oblique_geometry(scene, grid):
 
 def test_worker_input_file_matches_the_volume(scene, grid, tmp_path):
     """What the worker reads (nrrd written from the node) is the volume, voxel for voxel."""
-    from msdseg.io import read_image
+    from msdseg.core.io import read_image
 
     volume = mrml.add_volume_from_sitk(scene, grid, "T1")
     path = tmp_path / "input.nrrd"
@@ -188,7 +188,7 @@ def test_segmentation_has_all_leaves_with_names_colours_terminology(scene, study
 
 def test_terminology_matches_the_core_seg_nrrd(tmp_path):
     """The Slicer module and the core's S.seg.nrrd describe each structure with the same codes."""
-    from msdseg.outputs import terminology_string
+    from msdseg.outputs.writers import terminology_string
 
     for leaf in TREE.leaves:
         assert mrml.terminology_entry(leaf) == terminology_string(leaf)

@@ -4,8 +4,8 @@ option leaves the random stream alone."""
 import numpy as np
 import torch
 
-from msdseg.labels import load_tree
-from msdseg.synth import NUCLEI, LabelSource, SynthConfig, SyntheticGenerator, resize_nuclei
+from msdseg.core.labels import load_tree
+from msdseg.training.synth import NUCLEI, LabelSource, SynthConfig, SyntheticGenerator, resize_nuclei
 
 TREE = load_tree()
 LEFT_THALAMUS, RIGHT_THALAMUS, LEFT_CAUDATE, LEFT_PUTAMEN = 10, 49, 11, 12
@@ -69,7 +69,7 @@ def test_maps_without_the_nuclei_or_white_matter():
     no_nuclei = torch.where(torch.isin(lab, torch.tensor([l for pair in NUCLEI for l in pair])), 2, lab)
     assert torch.equal(resize_nuclei(no_nuclei, {LEFT_THALAMUS: 2.0}, 1.0, np.random.default_rng(0)), no_nuclei)
     # a partial map's unlabelled brain stands in for white matter
-    from msdseg.synth import GEN_UNLABELLED_BRAIN
+    from msdseg.training.synth import GEN_UNLABELLED_BRAIN
     partial = torch.where((lab == 2) | (lab == 41), GEN_UNLABELLED_BRAIN, lab)
     grown = resize_nuclei(partial, {LEFT_THALAMUS: 1.0}, 1.0, np.random.default_rng(0))
     assert _count(grown, LEFT_THALAMUS) > _count(partial, LEFT_THALAMUS)

@@ -14,11 +14,12 @@ import slicerio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msdseg import atomic, outputs
-from msdseg.labels import LabelTree, load_tree
-from msdseg.outputs import (expected_outputs, ijk_to_lps, outputs_complete, read_seg_nrrd_labels,
+from msdseg.core import atomic
+from msdseg.outputs import writers as outputs
+from msdseg.core.labels import LabelTree, load_tree
+from msdseg.outputs.writers import (expected_outputs, ijk_to_lps, outputs_complete, read_seg_nrrd_labels,
                             terminology_string, write_case_outputs)
-from msdseg.volumes import (CSV_COLUMNS, aggregate_volumes, read_volumes_csv, structure_volumes,
+from msdseg.core.volumes import (CSV_COLUMNS, aggregate_volumes, read_volumes_csv, structure_volumes,
                             write_volumes_csv)
 from conftest import rotation
 

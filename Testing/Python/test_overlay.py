@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.image import imread
 
-from msdseg.labels import load_tree
-from msdseg.overlay import (DPI, PANEL_INCHES, boundaries, brain_centre, extract_slices, save_comparison_png,
+from msdseg.core.labels import load_tree
+from msdseg.outputs.overlay import (DPI, PANEL_INCHES, boundaries, brain_centre, extract_slices, save_comparison_png,
                             save_overlay_png, to_ras)
 
 TREE = load_tree()
@@ -132,7 +132,7 @@ def test_save_comparison_png(tmp_path: Path) -> None:
 
 
 def test_long_titles_are_wrapped_above_the_convention_note() -> None:
-    from msdseg.overlay import _heading
+    from msdseg.outputs.overlay import _heading
 
     title = "/a/very/long/path/to/some/model/file/msdseg_brain.safetensors - fsaverage - ensemble (balanced)"
     lines = _heading(title, "radiological", width=40).split("\n")

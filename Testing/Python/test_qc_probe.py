@@ -3,7 +3,7 @@ probe summarises a segmentation as the QC rule reads it."""
 import numpy as np
 import SimpleITK as sitk
 
-from msdseg.qc_probe import VARIANTS, good_scans
+from msdseg.evaluation.diagnostics.qc_probe import VARIANTS, good_scans
 
 
 def _head() -> sitk.Image:
@@ -36,15 +36,14 @@ def test_variants_keep_geometry_and_degrade_as_named():
 def test_good_scans_are_the_manifest_t1s_and_the_sample(tmp_path, monkeypatch):
     import json
 
-    import msdseg.demo as demo
+    from msdseg.resources import sample_t1_path
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"maps": [
         {"path": "a/a_labels.nii.gz", "t1": None},
         {"path": "fsaverage/fsaverage_labels.nii.gz", "t1": "fsaverage/fsaverage_t1.nii.gz"},
         {"path": "deepmriprep/ibsr_labels.nii.gz", "t1": "deepmriprep/ibsr_t1.nii.gz"}]}))
-    monkeypatch.setattr(demo, "sample_t1_path", lambda d: d / "mni152_t1.nii.gz")
     scans = good_scans(manifest, tmp_path)
     assert scans == {"fsaverage": tmp_path / "fsaverage/fsaverage_t1.nii.gz",
                      "ibsr": tmp_path / "deepmriprep/ibsr_t1.nii.gz",
-                     "mni152 sample": tmp_path / "mni152_t1.nii.gz"}
+                     "mni152 sample": sample_t1_path()}

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msdseg.errors import InputError
-from msdseg.resolution_ceiling import ceiling_dice, ceiling_for_file
+from msdseg.core.errors import InputError
+from msdseg.evaluation.diagnostics.resolution_ceiling import ceiling_dice, ceiling_for_file
 
 
 def test_a_block_on_the_coarse_grid_is_kept_and_a_thin_sheet_is_lost():

@@ -3,7 +3,7 @@ runner scores every variant through a file round trip."""
 import numpy as np
 import SimpleITK as sitk
 
-from msdseg.robustness import VARIANTS, run
+from msdseg.evaluation.robustness import VARIANTS, run
 
 
 def _head() -> sitk.Image:

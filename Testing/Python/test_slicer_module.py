@@ -3,7 +3,7 @@ cancel of the whole process tree), the dependency decisions, the settings, the .
 binding, the jobs (with a fake worker and with the real core CLI) and the console API.
 
 The widget itself needs Qt and the Slicer application and is not tested here (see
-docs/slicer_extension.md, "What was checked how").
+docs/research/developer_notes.md, "Slicer extension: what was checked how").
 """
 from __future__ import annotations
 
@@ -196,25 +196,25 @@ def test_run_blocking_cancels_on_timeout(fake_worker):
 
 # ----------------------------------------------------------------------------- settings
 def test_settings_accept_enums_strings_and_preset_defaults():
-    s = st.RunSettings.from_values(st.Preset.fast, "CPU", steps=-1, samples=0, uncertainty=True, seed=3)
+    s = st.settings_from_widgets(st.Preset.fast, "CPU", steps=-1, samples=0, uncertainty=True, seed=3)
     assert (s.preset, s.device, s.steps, s.samples, s.uncertainty, s.seed) == ("fast", "cpu", None, None, True, 3)
-    s2 = st.RunSettings.from_values("accurate", st.Device.cuda, steps=0, samples=5)
+    s2 = st.settings_from_widgets("accurate", st.Device.cuda, steps=0, samples=5)
     assert s2.steps == 0 and s2.samples == 5
     with pytest.raises(ValueError, match="unknown preset"):
-        st.RunSettings.from_values("slow")
+        st.settings_from_widgets("slow")
     with pytest.raises(ValueError, match="unknown device"):
-        st.RunSettings.from_values("fast", "tpu")
+        st.settings_from_widgets("fast", "tpu")
 
 
 def test_worker_command_is_the_core_cli_with_json_progress(tmp_path):
-    s = st.RunSettings.from_values("fast", "auto", steps=3, samples=None, uncertainty=True, seed=7)
+    s = st.settings_from_widgets("fast", "auto", steps=3, samples=None, uncertainty=True, seed=7)
     cmd = st.segment_command("/opt/PythonSlicer", [tmp_path / "input.nrrd"], tmp_path / "out", s)
     assert cmd[:5] == ["/opt/PythonSlicer", "-m", "msdseg", "segment", str(tmp_path / "input.nrrd")]
     assert cmd[cmd.index("-o") + 1] == str(tmp_path / "out")
     assert cmd[cmd.index("--progress") + 1] == "json"
     assert cmd[cmd.index("--preset") + 1] == "fast" and cmd[cmd.index("--steps") + 1] == "3"
     assert "--samples" not in cmd and "--uncertainty" in cmd and "--overwrite" in cmd
-    from msdseg.cli import build_parser  # every option the module passes exists in the core CLI
+    from msdseg.cli.main import build_parser  # every option the module passes exists in the core CLI
 
     args = build_parser().parse_args(cmd[3:])
     assert (args.preset, args.steps, args.uncertainty, args.seed, args.progress) == ("fast", 3, True, 7, "json")
@@ -227,7 +227,7 @@ def test_worker_environment_puts_the_module_folder_first(tmp_path):
 
 
 def test_output_file_names_follow_the_core_contract(tmp_path):
-    from msdseg.outputs import output_names
+    from msdseg.outputs.writers import output_names
 
     files = st.output_files(tmp_path, "input")
     assert {k: v.name for k, v in files.items()} == output_names("input")
@@ -247,11 +247,11 @@ def test_device_prediction(requested, probe, device, usable):
 
 
 def test_estimate_says_it_is_an_estimate():
-    s = st.RunSettings.from_values("balanced")
+    s = st.settings_from_widgets("balanced")
     text = st.estimate_text(s, st.resolve_device("auto", {"cuda": False, "mps": False}))
     assert "CPU" in text and "estimate" in text
-    assert st.estimate_seconds(s, "cpu") > st.estimate_seconds(st.RunSettings.from_values("fast"), "cpu")
-    more = st.RunSettings.from_values("balanced", samples=8)
+    assert st.estimate_seconds(s, "cpu") > st.estimate_seconds(st.settings_from_widgets("fast"), "cpu")
+    more = st.settings_from_widgets("balanced", samples=8)
     assert st.estimate_seconds(more, "cpu") > st.estimate_seconds(s, "cpu")
     assert st.estimate_seconds(s, "unknown") is None
     assert "detecting" in st.estimate_text(s, st.resolve_device("auto", None))
@@ -504,7 +504,8 @@ add_subdirectory(@MODULE_DIR@ module)
 
 def test_module_cmake_configures_with_stubbed_slicer_macros(tmp_path):
     """Run the module's CMakeLists.txt with stand-ins for Slicer's macros: the globs find the whole
-    core (every msdseg .py file and the label tree), and every listed file exists."""
+    runtime of the core (every .py file outside msdseg/training and msdseg/evaluation, and the
+    label tree), none of the lab, and every listed file exists."""
     import shutil
     import subprocess
 
@@ -519,7 +520,9 @@ def test_module_cmake_configures_with_stubbed_slicer_macros(tmp_path):
     scripts = set((build / "scripts.txt").read_text().split())
     core = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "msdseg").rglob("*.py")
             if "__pycache__" not in p.parts}
-    assert core <= scripts and "MultiscaleDiffSeg.py" in scripts
+    lab = {f for f in core if f.startswith(("msdseg/training/", "msdseg/evaluation/"))}
+    assert lab and core - lab <= scripts and "MultiscaleDiffSeg.py" in scripts
+    assert not lab & scripts, f"lab code in the extension: {sorted(lab & scripts)[:5]}"
     assert "msdseg/resources/label_tree.json" in (build / "resources.txt").read_text().split()
     assert (build / "unittest.txt").read_text() == "SCRIPT;MultiscaleDiffSeg.py"
 
@@ -581,7 +584,7 @@ def volume(scene):
 
 
 def fake_job(volume, fake_worker, tmp_path, mode="segment", uncertainty=False, **kwargs):
-    settings = st.RunSettings.from_values("fast", uncertainty=uncertainty)
+    settings = st.settings_from_widgets("fast", uncertainty=uncertainty)
     worker = WorkerConfig(sys.executable, MODULE_DIR, temp_root=str(tmp_path))
 
     def command(inp: Path, out: Path) -> list[str]:
@@ -700,8 +703,8 @@ def test_module_self_test_with_the_sample_runs_headless(module, scene, monkeypat
 def untrained_model(tmp_path_factory) -> Path:
     """A model file flagged untrained: the real worker runs end to end, whatever model ships."""
     pytest.importorskip("torch")
-    from msdseg.model import ModelConfig, MultiscaleDiffUNet
-    from msdseg.modelfile import save_model
+    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
+    from msdseg.model.modelfile import save_model
 
     import torch
 
@@ -753,7 +756,7 @@ def test_console_segment_failure_raises_with_the_workers_message(logic, volume, 
 @needs_slicer
 @POSIX_ONLY
 def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path):
-    settings = st.RunSettings.from_values("accurate", "cpu", model=str(untrained_model))
+    settings = st.settings_from_widgets("accurate", "cpu", model=str(untrained_model))
     worker = WorkerConfig(sys.executable, MODULE_DIR, temp_root=str(tmp_path), threads=1)
     progress = []
     job = SegmentationJob(volume, settings, worker, on_progress=lambda f, m: progress.append(f)).start()

@@ -1,4 +1,4 @@
-"""Tests of msdseg.sources on small synthetic arrays: no download, no wheel, a few seconds."""
+"""Tests of msdseg.training.sources on small synthetic arrays: no download, no wheel, a few seconds."""
 from __future__ import annotations
 
 import ast
@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msdseg.labels import load_tree
-from msdseg.sources import common, grid, labelmap, manifest, output, samseg_priors
-from msdseg.sources.labelmap import GEN_ONLY_OFFSET, IGNORE
+from msdseg.core.labels import load_tree
+from msdseg.training.sources import common, grid, labelmap, manifest, output, samseg_priors
+from msdseg.training.sources.labelmap import GEN_ONLY_OFFSET, IGNORE
 
 TREE = load_tree()
 LEFT, RIGHT = labelmap.lateral_labels(TREE)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.labels import load_tree
-from msdseg.losses import HierarchicalLoss
-from msdseg.synth import IGNORE, LabelSource, SynthConfig, SyntheticGenerator
+from msdseg.core.labels import load_tree
+from msdseg.training.losses import HierarchicalLoss
+from msdseg.training.synth import IGNORE, LabelSource, SynthConfig, SyntheticGenerator
 
 TREE = load_tree()
 

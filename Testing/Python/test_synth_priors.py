@@ -4,9 +4,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msdseg.labels import load_tree
-from msdseg.synth import SyntheticGenerator
-from msdseg.synth_priors import PriorMapSampler, PriorSampleConfig, sample_label_map
+from msdseg.core.labels import load_tree
+from msdseg.training.synth import SyntheticGenerator
+from msdseg.training.priors import PriorMapSampler, PriorSampleConfig, sample_label_map
 
 LABELS = np.array([0, 3, 42, 1165], np.int32)
 

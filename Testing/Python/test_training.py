@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.labels import load_tree
-from msdseg.model import ModelConfig
-from msdseg.synth import LabelSource, SyntheticGenerator
-from msdseg.training import Trainer, TrainConfig, TrainMode, synthetic_sample_fn
+from msdseg.core.labels import load_tree
+from msdseg.model.network import ModelConfig
+from msdseg.training.synth import LabelSource, SyntheticGenerator
+from msdseg.training.trainer import Trainer, TrainConfig, TrainMode, synthetic_sample_fn
 
 TREE = load_tree()
 MODEL = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(4, 4, 8), image_channels_per_depth=(4, 4, 8), time_dim=16)
@@ -73,8 +73,8 @@ def test_log_of_an_older_layout_is_set_aside(tmp_path):
 
 def test_export_reports_the_whole_lineage(tmp_path):
     """A run started from a model file records that model; its export adds up steps and CPU time."""
-    from msdseg.modelfile import load_model
-    from msdseg.training import export_checkpoint
+    from msdseg.model.modelfile import load_model
+    from msdseg.training.trainer import export_checkpoint
 
     first = _trainer(tmp_path / "a", 2)
     first.run(handle_signals=False)
@@ -92,8 +92,8 @@ def test_export_reports_the_whole_lineage(tmp_path):
 def test_weight_average_follows_its_recurrence_and_is_what_export_ships(tmp_path):
     """After each step the average is decay * previous + (1 - decay) * new weights (the first step
     copies); export writes it by default and says so, and ``raw`` still gives the last weights."""
-    from msdseg.modelfile import load_model
-    from msdseg.training import export_checkpoint
+    from msdseg.model.modelfile import load_model
+    from msdseg.training.trainer import export_checkpoint
 
     decay = 0.5
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=3, lr=1e-2, warmup_steps=1, log_every=1,
@@ -125,7 +125,7 @@ def test_weight_average_follows_its_recurrence_and_is_what_export_ships(tmp_path
 def test_run_without_an_average_exports_its_weights_and_refuses_ema(tmp_path):
     import pytest
 
-    from msdseg.training import export_checkpoint
+    from msdseg.training.trainer import export_checkpoint
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=1, lr=1e-2, warmup_steps=1, modes=MODES,
                       depth_weights=(1.0, 0.5, 0.3), checkpoint_minutes=99, ema_decay=0.0)
@@ -138,7 +138,7 @@ def test_run_without_an_average_exports_its_weights_and_refuses_ema(tmp_path):
 
 
 def test_training_modes_parse_from_the_command_line():
-    from msdseg.training import TrainMode
+    from msdseg.training.trainer import TrainMode
 
     assert TrainMode.parse("2:64:0.45") == TrainMode(2.0, (64, 64, 64), 0.45)
     assert TrainMode.parse("4:0:0.35") == TrainMode(4.0, None, 0.35)
@@ -151,7 +151,7 @@ def test_train_cli_passes_modes_and_top_timesteps(tmp_path, monkeypatch):
     """The flags reach the trainer's config (the trainer itself is replaced: no training here)."""
     import argparse
 
-    from msdseg import train_cli, training
+    from msdseg.training import cli as train_cli, trainer as training
 
     seen = {}
 
@@ -165,20 +165,20 @@ def test_train_cli_passes_modes_and_top_timesteps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_cli, "load_sources", lambda path, only: ([type("S", (), {"name": "a/b"})()], {}))
     monkeypatch.setattr(training, "Trainer", FakeTrainer)
-    monkeypatch.setattr("msdseg.synth.SyntheticGenerator", lambda sources, tree, config: seen.update(synth=config))
+    monkeypatch.setattr("msdseg.training.synth.SyntheticGenerator", lambda sources, tree, config: seen.update(synth=config))
     p = argparse.ArgumentParser()
-    train_cli.add_train_args(p)
+    train_cli.add_arguments(p)
     args = p.parse_args(["--data", str(tmp_path / "m.json"), "--out", str(tmp_path / "run"),
                          "--modes", "4:0:0.3", "1:64:0.7", "--t-top-prob", "0.3", "--t-top-min", "950",
                          "--ventricle-change", "0.5", "--nuclei-change", "0.25", "--horn-scale", "0.5"])
-    assert train_cli.run_training(args) == 0
+    assert train_cli.run(args) == 0
     assert seen["synth"].ventricle_change_prob == 0.5 and seen["synth"].nuclei_change_prob == 0.25
     assert seen["synth"].ventricle_horn_scale == 0.5
     cfg = seen["cfg"]
     assert cfg.modes == (training.TrainMode(4.0, None, 0.3), training.TrainMode(1.0, (64, 64, 64), 0.7))
     assert (cfg.t_top_prob, cfg.t_top_min) == (0.3, 950)
     bad = p.parse_args(["--data", "m.json", "--out", str(tmp_path / "r2"), "--modes", "1:64"])
-    from msdseg.errors import InputError
+    from msdseg.core.errors import InputError
 
     with pytest.raises(InputError, match="SPACING:CROP:WEIGHT"):
-        train_cli.run_training(bad)
+        train_cli.run(bad)

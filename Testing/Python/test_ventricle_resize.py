@@ -3,8 +3,8 @@ shrink back into it, keep the brain outline, and an unused option leaves the ran
 import numpy as np
 import torch
 
-from msdseg.labels import load_tree
-from msdseg.synth import LabelSource, SynthConfig, SyntheticGenerator, resize_ventricles
+from msdseg.core.labels import load_tree
+from msdseg.training.synth import LabelSource, SynthConfig, SyntheticGenerator, resize_ventricles
 
 TREE = load_tree()
 

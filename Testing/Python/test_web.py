@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from msdseg.errors import Cancelled, InputError
+from msdseg.core.errors import Cancelled, InputError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -58,7 +58,7 @@ def test_remote_bind_needs_the_flag_and_warns():
 
 def test_cli_refuses_remote_host_without_flag(capsys):
     """The refusal is immediate (before VTK, Slicer or torch are imported) and one line."""
-    from msdseg.cli import main
+    from msdseg.cli.main import main
 
     assert main(["web", "--host", "0.0.0.0", "--port", "8999"]) == 2
     err = capsys.readouterr().err.strip()
@@ -155,7 +155,7 @@ def _fake_segmenter(steps: int, fail: Exception | None = None) -> Callable:
 
 
 def test_job_reports_progress_and_finishes():
-    from msdseg.inference import SegmentSettings
+    from msdseg.core.settings import SegmentSettings
     from msdseg_web.worker import DONE, SegmentationJob
 
     job = SegmentationJob(_small_t1(), SegmentSettings(), segmenter=_fake_segmenter(20))
@@ -165,7 +165,7 @@ def test_job_reports_progress_and_finishes():
 
 
 def test_job_cancels_between_steps():
-    from msdseg.inference import SegmentSettings
+    from msdseg.core.settings import SegmentSettings
     from msdseg_web.worker import CANCELLED, SegmentationJob
 
     job = SegmentationJob(_small_t1(), SegmentSettings(), segmenter=_fake_segmenter(100_000))
@@ -177,7 +177,7 @@ def test_job_cancels_between_steps():
 
 
 def test_job_failure_becomes_one_line():
-    from msdseg.inference import SegmentSettings
+    from msdseg.core.settings import SegmentSettings
     from msdseg_web.worker import FAILED, SegmentationJob
 
     job = SegmentationJob(_small_t1(), SegmentSettings(), segmenter=_fake_segmenter(2, RuntimeError("boom\nmore")))
@@ -251,13 +251,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, server: We
 
 @pytest.fixture(scope="module")
 def sample_t1(tmp_path_factory) -> Path:
-    """nilearn's MNI152 T1 at 3 mm (67x79x64): a real head, small enough for seconds per run."""
-    import nibabel as nib
-    from nilearn.datasets import load_mni152_template
+    """The shipped MNI152 sample T1 resampled to 3 mm: a real head, small enough for seconds per run."""
+    from msdseg.core.io import load_volume
+    from msdseg.resources import sample_t1_path
 
-    img = load_mni152_template(resolution=3)
+    image = load_volume(sample_t1_path())
+    size = [int(round(n * s / 3.0)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    smooth = sitk.SmoothingRecursiveGaussian(image, [1.2, 1.2, 1.2])  # anti-alias before the 3x step
+    small = sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (3.0, 3.0, 3.0),
+                          image.GetDirection(), 0.0, sitk.sitkFloat32)
     path = tmp_path_factory.mktemp("web_sample") / "sample.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine), str(path))
+    sitk.WriteImage(small, str(path))
     return path
 
 
@@ -394,8 +398,8 @@ def assert_not_blank(png: bytes, box: tuple[int, int, int, int] | None = None) -
 
 
 def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, sample_t1, tmp_path):
-    from msdseg.labels import load_tree
-    from msdseg.outputs import read_seg_nrrd_labels
+    from msdseg.core.labels import load_tree
+    from msdseg.outputs.writers import read_seg_nrrd_labels
 
     server, page = web_server, Page(browser, web_server)
     started = time.monotonic()

@@ -1,0 +1,1 @@
+"""The ``msdseg`` command line (``msdseg.cli.main:main``)."""
