@@ -8,6 +8,8 @@ real MRML from ``slicer-core``.
 The Qt imports are guarded so that the logic (console API) can also be imported where only
 ``slicer-core`` exists (CI, scripts); the widget needs the Slicer application.
 """
+from __future__ import annotations  # Slicer 5.8's Python 3.9 must reach the version message
+
 import logging
 import os
 import time

@@ -33,7 +33,12 @@ _EXPORTS = {
     "InputError": "msdseg.core.errors",
     "Cancelled": "msdseg.core.errors",
 }
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "DEFAULT_PRESET", "PRESETS", "Cancelled", "InputError", "LabelTree", "Preset", "SegmentSettings",
+    "SegmentationResult", "__version__", "load_model", "load_tree", "load_volume", "segment_file",
+    "segment_image", "write_case_outputs",
+]
+assert set(__all__) == set(_EXPORTS) | {"__version__"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from msdseg.core.errors import Cancelled, InputError

@@ -1,9 +1,42 @@
-"""Shared test fixtures: small synthetic volumes with known geometry."""
+"""Shared test fixtures (small synthetic volumes with known geometry, the label tree, an untrained
+model) and the check that every test is in exactly one tier (see Testing/README.md)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from shared import TREE
+
+TIERS = ("unit", "integration", "slow", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by `-m`
+def pytest_collection_modifyitems(config, items):
+    """Give each test exactly one tier, and refuse to run if one has none or several.
+
+    A module states its tier once (``pytestmark = pytest.mark.unit``) and a test overrides it with
+    its own tier marker: the nearest node that names a tier decides (test, then class, then module).
+    The decided tier is then the test's only tier marker, so ``-m unit`` does not also select a slow
+    test in a unit module.  Failing collection (rather than defaulting to a tier) makes a new test
+    without a tier break CI instead of silently landing in the wrong selection."""
+    problems = []
+    for item in items:
+        tiers: list[str] = []
+        for node in reversed(item.listchain()):
+            tiers = sorted({mark.name for mark in node.own_markers if mark.name in TIERS})
+            if tiers:
+                break
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+            continue
+        item.own_markers[:] = [mark for mark in item.own_markers if mark.name not in TIERS]
+        item.add_marker(tiers[0])
+    if problems:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker ({', '.join(TIERS)}; see Testing/README.md):\n  "
+            + "\n  ".join(problems))
+    for parent in {node for item in items for node in item.listchain()[:-1]}:
+        parent.own_markers[:] = [mark for mark in parent.own_markers if mark.name not in TIERS]
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -51,13 +84,19 @@ def oblique_phantom() -> sitk.Image:
 
 
 @pytest.fixture(scope="session")
+def tree():
+    """The default label tree (the same object as ``shared.TREE``)."""
+    return TREE
+
+
+@pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory) -> str:
     """A randomly initialised model file flagged untrained: pipeline tests must not depend on the
     shipped weights (and an untrained model skips the brain-volume plausibility check)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
-    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
     from msdseg.model.modelfile import save_model
+    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "untrained.safetensors"

@@ -11,6 +11,8 @@ from msdseg.core.settings import Preset
 from msdseg.evaluation.calibrate import fit_temperature, write_calibration
 from msdseg.inference.calibration import error_probability, temper, temperature_for
 
+pytestmark = pytest.mark.unit
+
 
 def test_temper_keeps_the_most_likely_label_and_softens_with_temperature():
     probs = torch.softmax(torch.randn(5, 4, 3, 2) * 3, dim=0)
@@ -76,6 +78,7 @@ def test_input_grid_voxels_interpolate_like_the_uncertainty_map():
     assert len(kept) == int((vox.predicted != vox.predicted[0]).sum()) and kept.log_corners.shape[1:] == (8, 4)
 
 
+@pytest.mark.integration
 def test_temperature_is_read_from_the_model_json(tmp_path):
     from msdseg.model.modelfile import default_model_path
 
@@ -90,6 +93,7 @@ def test_temperature_is_read_from_the_model_json(tmp_path):
     assert cfg["sha256"] == json.loads(shipped.with_suffix(".json").read_text())["sha256"]
 
 
+@pytest.mark.slow
 def test_uncertainty_map_is_the_calibrated_error_probability(tmp_path, oblique_phantom):
     """Same labels with any temperature; a hotter model says it is less sure everywhere."""
     import SimpleITK as sitk
@@ -117,6 +121,7 @@ def test_uncertainty_map_is_the_calibrated_error_probability(tmp_path, oblique_p
     assert 0.0 <= maps[1.0][1].min() and maps[3.0][1].max() < 1.0
 
 
+@pytest.mark.slow
 def test_calibration_refuses_sources_without_a_complete_map():
     """Voxels of a partial map have no true label, so such maps cannot calibrate; say so."""
     from msdseg.evaluation.calibrate import collect_cases

@@ -12,6 +12,8 @@ import SimpleITK as sitk
 
 from conftest import make_image, phantom_fn, rotation
 
+pytestmark = pytest.mark.integration
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -65,6 +67,7 @@ def test_bad_input_one_line_error_and_no_outputs(tmp_path, kind, untrained_model
     assert all(p.read_bytes() == b for p, b in before.items()), "inputs must never be modified"
 
 
+@pytest.mark.slow
 def test_missing_file_and_bad_option():
     res = run_cli("segment", "/nonexistent/t1.nii.gz", "-o", "/tmp/never", "--progress", "none")
     assert res.returncode != 0 and "not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -78,6 +81,7 @@ def test_missing_file_and_bad_option():
     assert res.returncode != 0 and "--horn-scale" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):
     d = rotation(0.2, -0.1, 0.3) @ np.diag([-1, 1, 1])
     img = make_image((56, 64, 44), (3.0, 2.5, 3.5), d, (4.0, -6.0, 10.0), phantom_fn)
@@ -111,6 +115,7 @@ def test_info_reports_model_and_tree():
     assert res.returncode == 0 and "32 leaves" in res.stdout
 
 
+@pytest.mark.unit
 def test_progress_bar_renders_each_update_once(capsys):
     """A log file of a CLI run gets one bar line per progress update, not two."""
     from msdseg.core.progress import progress_printer

@@ -24,16 +24,17 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_image, phantom_fn
+from shared import TREE
 from msdseg.batch.cohort import assign_stems, case_complete, expand_inputs, run_cohort
 from msdseg.core.errors import InputError
 from msdseg.core.settings import SegmentSettings
-from msdseg.core.labels import load_tree
 from msdseg.batch.qc import QCRules, CaseQCInput, PLAUSIBLE_ML, assess_cohort, robust_z
 from msdseg.outputs.sidecar import asymmetry_indices, intracranial_volume_ml, read_sidecar, uncertainty_by_structure
 
+pytestmark = pytest.mark.unit
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FAST_ARGS = ["--preset", "fast", "--steps", "1"]
-TREE = load_tree()
 LEAVES = [leaf.id for leaf in TREE.leaves]
 
 
@@ -228,6 +229,7 @@ GOOD = ["sub-03_T1w", "x_T1w", "y_T1w"]
 BAD = {"corrupt_T1w": "truncated", "series_T1w": "4-D", "nan_T1w": "NaN"}
 
 
+@pytest.mark.slow
 def test_mixed_cohort_with_two_workers(mixed):
     out = mixed["out"]
     assert mixed["rc"] == 1  # some cases failed
@@ -275,6 +277,7 @@ class _Collector(HTMLParser):
             self.errors.append(tag)
 
 
+@pytest.mark.integration
 def test_report_is_self_contained_html(mixed):
     text = (mixed["out"] / "cohort_report.html").read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
@@ -295,6 +298,7 @@ def test_report_is_self_contained_html(mixed):
     assert text[first:first + 40].split("'")[1].split()[1] == sorted(flags, key=["fail", "review", "ok"].index)[0]
 
 
+@pytest.mark.integration
 def test_resume_skips_and_rebuilds_a_missing_sidecar(mixed, fast):
     out, inp = mixed["out"], mixed["inp"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and not p.name.startswith("cohort_")}
@@ -310,6 +314,7 @@ def test_resume_skips_and_rebuilds_a_missing_sidecar(mixed, fast):
     assert not temporaries(out)
 
 
+@pytest.mark.integration
 def test_cancel_callback_stops_between_diffusion_steps(tmp_path, fast):
     inp = tmp_path / "in"
     for i in range(3):
@@ -324,6 +329,7 @@ def test_cancel_callback_stops_between_diffusion_steps(tmp_path, fast):
     assert set(reasons) == {"c1_T1w", "c2_T1w"} and all("run again" in r for r in reasons.values())
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_matches_local_results(tmp_path, fast):
     distributed = pytest.importorskip("distributed")
     inp = tmp_path / "in"
@@ -347,6 +353,7 @@ def test_dask_local_cluster_matches_local_results(tmp_path, fast):
         assert (out / "a_T1w_labels.nii.gz").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_sigterm_midway_then_resume(tmp_path, untrained_model):
     """SIGTERM after the first case: exit non-zero, finished cases intact, nothing partial; a rerun
     skips the finished cases (untouched) and does the rest."""

@@ -11,9 +11,10 @@ import SimpleITK as sitk
 
 from msdseg.evaluation.metrics import (STRUCTURE_COLUMNS, evaluate, expected_calibration_error, freesurfer_cortex_map,
                              write_report)
-from msdseg.core.labels import load_tree
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
+
 LEFTS = [leaf for leaf in TREE.leaves if leaf.id.startswith("left_")]
 MIDS = [leaf for leaf in TREE.leaves if TREE.twin(leaf.id) is None]
 

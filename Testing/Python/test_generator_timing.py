@@ -1,11 +1,13 @@
 """Generator timing: one row per option set with a time for every mode, a weighted mean between
 the fastest and slowest mode, a Markdown table with one line per row, and one-line errors."""
 import numpy as np
+import pytest
 
 from msdseg.training.generator_timing import OPTION_SETS, main, markdown, time_generator
-from msdseg.core.labels import load_tree
 from msdseg.training.synth import LabelSource
 from msdseg.training.trainer import TrainMode
+
+pytestmark = pytest.mark.unit
 
 
 def _toy_source() -> LabelSource:
@@ -24,9 +26,9 @@ def _toy_source() -> LabelSource:
     return LabelSource.from_array("toy", lab, aff)
 
 
-def test_rows_cover_every_option_set_and_mode():
+def test_rows_cover_every_option_set_and_mode(tree):
     modes = (TrainMode(4.0, None, 0.5), TrainMode(2.0, (16, 16, 16), 0.5))
-    rows = time_generator([_toy_source()], load_tree(), modes, samples=1)
+    rows = time_generator([_toy_source()], tree, modes, samples=1)
     assert [r["options"] for r in rows] == [name for name, _ in OPTION_SETS]
     for r in rows:
         assert len(r["seconds"]) == 2 and all(s > 0 for s in r["seconds"])

@@ -1,5 +1,6 @@
 """Geometry: model grid placement, left stays left, exact round trip to the input grid."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,6 +9,8 @@ from conftest import make_image, phantom_fn, rotation
 from msdseg.inference.backproject import backproject
 from msdseg.core.geometry import ModelGrid, head_grid, image_on_grid, input_index_to_grid_index
 from msdseg.core.io import image_from_ras_affine, ras_affine
+
+pytestmark = pytest.mark.unit
 
 
 def side_probs(grid: ModelGrid) -> torch.Tensor:

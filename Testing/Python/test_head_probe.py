@@ -2,10 +2,14 @@
 never outputs (what the training loss hides)."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from msdseg.evaluation.diagnostics.head_probe import probe_head
-from test_training import TREE, _generator
+from shared import TREE
+from test_training import _generator
+
+pytestmark = pytest.mark.unit
 
 NAMES = ["background"] + [leaf.id for leaf in TREE.leaves]  # channel order
 

@@ -13,6 +13,8 @@ from msdseg.core.errors import InputError
 from msdseg.evaluation.heldout_synth import evaluate_synthetic, render_cases, summarise
 from msdseg.training.synth import IGNORE
 
+pytestmark = pytest.mark.unit
+
 
 def _manifest(tmp_path, role="heldout"):
     shape = (60, 70, 56)
@@ -35,6 +37,7 @@ def _lps_x_of(labels: sitk.Image, value: int) -> float:
     return labels.TransformContinuousIndexToPhysicalPoint(idx.tolist())[0]
 
 
+@pytest.mark.slow
 def test_renders_are_repeatable_one_mm_and_keep_sides_and_ignore_label(tmp_path):
     manifest = _manifest(tmp_path)
     first = list(render_cases(manifest, 2, seed=3))
@@ -70,6 +73,7 @@ def test_summary_is_mean_and_spread_and_names_weak_leaves():
     assert s["leaves_below_0_70"] == ["csf"] and s["ece_mean"] == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_a_model_is_scored_end_to_end_on_one_render(tmp_path, untrained_model):
     out = tmp_path / "out"
     res = evaluate_synthetic(untrained_model, _manifest(tmp_path), out, preset="fast", n_cases=1,

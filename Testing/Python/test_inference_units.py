@@ -12,6 +12,8 @@ from msdseg.inference.pipeline import _check_brain_like
 from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
 from msdseg.model.modelfile import load_model, save_model
 
+pytestmark = pytest.mark.unit
+
 
 def test_device_auto_and_explicit():
     assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
@@ -138,6 +140,7 @@ def test_ddim_from_an_initial_answer_runs_only_the_remaining_steps():
         ddim_sample(echo, (3, 6, 6, 6), steps=4, samples=1, init=init, start_step=4)
 
 
+@pytest.mark.integration
 def test_segment_with_refinement_returns_labels_on_the_input_grid(untrained_model, oblique_phantom):
     """The whole coarse-to-fine path on an oblique phantom: coarse 4 mm, refined at 2 mm."""
     from msdseg.inference.pipeline import segment_image

@@ -1,5 +1,6 @@
 """Intensity refinement: the scan's own intensities move a blurred border to where the scan has it."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -9,6 +10,8 @@ from msdseg.evaluation.calibration_voxels import gather, gather_refined, interpo
 from msdseg.core.geometry import ModelGrid
 from msdseg.core.settings import SegmentSettings
 from msdseg.inference.intensity import BAND, IntensityModel, fit_intensity_model, worth_refining
+
+pytestmark = pytest.mark.unit
 
 
 def _soft(true_class: np.ndarray, n_classes: int, sure: float) -> torch.Tensor:
@@ -120,9 +123,8 @@ def test_presets_refine_by_default_and_the_setting_turns_it_off():
     assert SegmentSettings(intensity=False).resolved().intensity is False
 
 
+@pytest.mark.slow
 def test_segmenting_reports_the_refinement_and_can_be_cancelled_while_mapping_back(untrained_model):
-    import pytest
-
     from conftest import phantom_fn
     from msdseg.core.errors import Cancelled
     from msdseg.inference.pipeline import segment_image

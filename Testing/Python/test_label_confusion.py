@@ -4,8 +4,11 @@ import csv
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from msdseg.evaluation.diagnostics.label_confusion import confusion_ml, label_rows, main
+
+pytestmark = pytest.mark.unit
 
 
 def _maps():

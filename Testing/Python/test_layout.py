@@ -114,7 +114,7 @@ def test_every_optional_command_is_installed_in_the_full_package():
         assert callable(module.add_arguments) and callable(module.run)
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # a fresh interpreter: a subprocess
 def test_public_api_is_importable_without_torch_until_used():
     """``import msdseg`` and its settings load without torch (the Slicer GUI process may lack it);
     the public names resolve on first use."""
@@ -156,3 +156,27 @@ def test_the_architecture_diagram_names_every_module_and_no_other():
         assert listed == actual, f"msdseg.{package}: diagram {sorted(listed)} vs code {sorted(actual)}"
     subpackages = {p.name for p in src.iterdir() if (p / "__init__.py").exists()}
     assert set(rows) == subpackages
+
+
+@pytest.mark.unit
+def test_the_product_never_mentions_work_sessions():
+    """Docs and code speak to users; the only 'session' is the browser app's own Session object."""
+    hits = []
+    for path in [*(ROOT / "docs").rglob("*.md"), *(MODULE_DIR).rglob("*.py"), ROOT / "README.md",
+                 ROOT / "CHANGELOG.md"]:
+        if "msdseg_web" in path.parts or "__pycache__" in path.parts:
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if re.search(r"\bsessions?\b", line, re.IGNORECASE) and "`Session`" not in line:
+                hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:80]}")
+    assert not hits, "\n".join(hits[:10])
+
+
+@pytest.mark.unit
+def test_the_model_card_is_short_and_has_the_standard_sections():
+    card = (ROOT / "docs" / "model_card.md").read_text()
+    assert len(card.encode()) < 12 * 1024
+    headings = [h.lower() for h in re.findall(r"^## (.+)$", card, re.M)]
+    for section in ("model details", "intended use", "out-of-scope", "training data", "evaluation data",
+                    "results", "limitations", "reproduce"):
+        assert any(section in h for h in headings), f"model card lacks a '{section}' section: {headings}"

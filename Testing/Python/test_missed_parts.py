@@ -4,8 +4,11 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from msdseg.evaluation.diagnostics.missed_parts import main, missed_parts
+
+pytestmark = pytest.mark.unit
 
 
 def _maps():

@@ -1,5 +1,4 @@
 """Network shapes per depth, scheduler alignment, memory of the ensemble, and an overfit run."""
-import json
 import os
 import subprocess
 import sys
@@ -11,11 +10,11 @@ import torch
 
 from msdseg.model.diffusion import RunningEnsemble, ddim_sample, make_sampling_scheduler, suf_weight
 from msdseg.core.geometry import ModelGrid
-from msdseg.core.labels import load_tree
-from msdseg.training.losses import HierarchicalLoss
 from msdseg.model.network import ModelConfig, MultiscaleDiffUNet, count_parameters
 from msdseg.training.synth import TrainingSample
 from msdseg.training.trainer import TrainConfig, Trainer, TrainMode
+
+pytestmark = pytest.mark.unit
 
 
 def test_default_model_is_small_enough_for_cpu():
@@ -88,6 +87,7 @@ _MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sampling_memory_does_not_grow_with_sample_count():
     def peak_kb(samples: int) -> int:
         # mmap every large block so freed tensors leave the resident set (glibc otherwise keeps
@@ -125,10 +125,10 @@ def _phantom(rng: np.random.Generator, tree, n: int = 32) -> TrainingSample:
                           torch.from_numpy(tree.channel_mask(full)), torch.from_numpy(tree.internal_mask(full)))
 
 
-def test_overfit_left_right_phantom_through_ddim(tmp_path):
+@pytest.mark.slow
+def test_overfit_left_right_phantom_through_ddim(tmp_path, tree):
     """A tiny model trained for well under a minute of CPU reaches Dice >= 0.9 on both sides."""
     torch.manual_seed(0)
-    tree = load_tree()
     n = 24
     cfg = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(8, 8, 8), image_channels_per_depth=(8, 8, 8), time_dim=32)
     tcfg = TrainConfig(out_dir=str(tmp_path), max_steps=200, lr=1.5e-2, warmup_steps=5,
@@ -150,12 +150,11 @@ def test_overfit_left_right_phantom_through_ddim(tmp_path):
         assert dice >= 0.9, (lab, dice, trainer.step)
 
 
-def test_mirrored_view_answers_in_the_original_frame():
+def test_mirrored_view_answers_in_the_original_frame(tree):
     """A denoiser that is exactly mirror-equivariant gives the same ensemble with or without the
     mirrored view; the sequence of views alternates between samples."""
     from msdseg.inference.sampling import _mirrored
 
-    tree = load_tree()
     perm = torch.as_tensor(tree.flip_permutation)
     c = tree.n_classes
     left, right = tree.aseg_to_channel[10], tree.aseg_to_channel[49]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from msdseg.core.errors import InputError
-from msdseg.core.labels import load_tree
 from msdseg.model.network import ModelConfig, MultiscaleDiffUNet, count_parameters
 from msdseg.training.widen import parse_widths, widen_model, widened_config
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
+
 SMALL = ModelConfig(spacings_mm=(1.0, 2.0, 4.0, 8.0), channels=(4, 8, 8, 16),
                     image_channels_per_depth=(4, 4, 8, 8), time_dim=16, refine_depths=1)
 

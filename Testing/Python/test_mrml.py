@@ -22,11 +22,12 @@ MODULE_DIR = Path(__file__).resolve().parents[2] / "MultiscaleDiffSeg"
 sys.path.insert(0, str(MODULE_DIR))
 
 from MultiscaleDiffSegLib import mrml  # noqa: E402
-from msdseg.core.labels import load_tree  # noqa: E402
 from msdseg.core.volumes import structure_volumes  # noqa: E402
 from conftest import rotation
+from shared import TREE  # noqa: E402
 
-TREE = load_tree()
+pytestmark = pytest.mark.integration
+
 LEAF_BY_LABEL = {int(n.label): n for n in TREE.leaves}
 #: Structures left out of the synthetic labels, to check that empty segments are kept.
 ABSENT = {5, 44, 26, 58, 24}

@@ -2,12 +2,14 @@
 back into it, nothing else moves, fractional layers change part of the surface, and an unused
 option leaves the random stream alone."""
 import numpy as np
+import pytest
 import torch
 
-from msdseg.core.labels import load_tree
 from msdseg.training.synth import NUCLEI, LabelSource, SynthConfig, SyntheticGenerator, resize_nuclei
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
+
 LEFT_THALAMUS, RIGHT_THALAMUS, LEFT_CAUDATE, LEFT_PUTAMEN = 10, 49, 11, 12
 
 
@@ -81,6 +83,7 @@ def _toy_source() -> LabelSource:
     return LabelSource.from_array("toy", _map().numpy().astype(np.int32), aff)
 
 
+@pytest.mark.slow
 def test_generator_applies_it_only_when_asked_and_keeps_older_streams():
     src = _toy_source()
     still = dict(elastic_mm=0.0, rotation_deg=0.0, scale=0.0, shear=0.0, flip_prob=0.0)

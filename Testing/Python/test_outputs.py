@@ -16,14 +16,15 @@ from hypothesis import strategies as st
 
 from msdseg.core import atomic
 from msdseg.outputs import writers as outputs
-from msdseg.core.labels import LabelTree, load_tree
+from msdseg.core.labels import LabelTree
 from msdseg.outputs.writers import (expected_outputs, ijk_to_lps, outputs_complete, read_seg_nrrd_labels,
                             terminology_string, write_case_outputs)
 from msdseg.core.volumes import (CSV_COLUMNS, aggregate_volumes, read_volumes_csv, structure_volumes,
                             write_volumes_csv)
 from conftest import rotation
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
 
 
 @dataclass
@@ -302,6 +303,7 @@ def test_outputs_complete(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- real Slicer reader
+@pytest.mark.integration
 def test_slicer_reads_seg_nrrd(tmp_path: Path) -> None:
     """3D Slicer's own reader (slicer-core, the optional ``mrml`` extra) loads the file as written."""
     slicer = pytest.importorskip("slicer")

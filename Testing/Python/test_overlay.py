@@ -8,11 +8,11 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.image import imread
 
-from msdseg.core.labels import load_tree
 from msdseg.outputs.overlay import (DPI, PANEL_INCHES, boundaries, brain_centre, extract_slices, save_comparison_png,
                             save_overlay_png, to_ras)
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
 
 
 def head(n: int = 40, spacing=(1.5, 1.2, 2.0)) -> tuple[sitk.Image, sitk.Image]:

@@ -1,9 +1,12 @@
 """The QC probe's degraded copies: each keeps geometry, degrades the way its name says, and the
 probe summarises a segmentation as the QC rule reads it."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from msdseg.evaluation.diagnostics.qc_probe import VARIANTS, good_scans
+
+pytestmark = pytest.mark.unit
 
 
 def _head() -> sitk.Image:

@@ -7,6 +7,8 @@ import pytest
 from msdseg.core.errors import InputError
 from msdseg.evaluation.diagnostics.resolution_ceiling import ceiling_dice, ceiling_for_file
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_block_on_the_coarse_grid_is_kept_and_a_thin_sheet_is_lost():
     ch = np.zeros((16, 16, 16), np.int64)

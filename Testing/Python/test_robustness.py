@@ -1,9 +1,12 @@
 """Robustness variants: each stores the same anatomy differently (physical space preserved), and the
 runner scores every variant through a file round trip."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from msdseg.evaluation.robustness import VARIANTS, run
+
+pytestmark = pytest.mark.unit
 
 
 def _head() -> sitk.Image:

@@ -125,6 +125,7 @@ def test_parse_progress(line, expected):
     assert parse_progress(line) == expected
 
 
+@pytest.mark.integration
 def test_progress_lines_are_streamed_in_order(fake_worker):
     progress, logs, finished = [], [], []
     proc = BackgroundProcess([sys.executable, str(fake_worker), "progress"], on_progress=lambda f, m: progress.append((f, m)),
@@ -138,6 +139,7 @@ def test_progress_lines_are_streamed_in_order(fake_worker):
     assert not proc.poll()  # finished stays finished
 
 
+@pytest.mark.integration
 def test_poll_never_blocks_while_the_worker_is_busy(fake_worker):
     proc = BackgroundProcess([sys.executable, str(fake_worker), "tree"]).start()
     try:
@@ -150,6 +152,7 @@ def test_poll_never_blocks_while_the_worker_is_busy(fake_worker):
         proc.wait(timeout=30)
 
 
+@pytest.mark.integration
 @POSIX_ONLY
 def test_cancel_kills_the_worker_its_child_and_its_grandchild(fake_worker):
     logs, progress = [], []
@@ -177,6 +180,7 @@ def test_cancel_kills_the_worker_its_child_and_its_grandchild(fake_worker):
     assert not any(pid_alive(p) for p in pids), [p for p in pids if pid_alive(p)]
 
 
+@pytest.mark.integration
 def test_failure_reports_the_workers_last_error_line(fake_worker):
     outcome = run_blocking([sys.executable, str(fake_worker), "fail"], timeout=60)
     assert outcome.returncode == 2 and not outcome.ok
@@ -189,6 +193,7 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_hang(tmp_path):
     assert not proc.running and finished and "cannot start" in finished[0].error
 
 
+@pytest.mark.integration
 def test_run_blocking_cancels_on_timeout(fake_worker):
     outcome = run_blocking([sys.executable, str(fake_worker), "tree"], timeout=1.0)
     assert outcome.cancelled
@@ -258,6 +263,7 @@ def test_estimate_says_it_is_an_estimate():
     assert st.format_duration(42) == "about 40 s" and st.format_duration(600) == "about 10 min"
 
 
+@pytest.mark.integration
 def test_device_probe_code_runs_in_the_worker_python():
     logs = []
     outcome = run_blocking([sys.executable, "-c", st.DEVICE_PROBE_CODE], on_log=logs.append, timeout=120)
@@ -426,6 +432,7 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in root.iter("widget")}
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_ui_parameter_names_are_the_parameter_node_fields():
     import MultiscaleDiffSeg as module
@@ -443,6 +450,7 @@ def test_ui_parameter_names_are_the_parameter_node_fields():
     assert classes["uncertainty"] == "QCheckBox"
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_widget_code_uses_only_widgets_that_exist_in_the_ui():
     import MultiscaleDiffSeg as module
@@ -502,6 +510,7 @@ add_subdirectory(@MODULE_DIR@ module)
 """
 
 
+@pytest.mark.integration
 def test_module_cmake_configures_with_stubbed_slicer_macros(tmp_path):
     """Run the module's CMakeLists.txt with stand-ins for Slicer's macros: the globs find the whole
     runtime of the core (every .py file outside msdseg/training and msdseg/evaluation, and the
@@ -593,6 +602,7 @@ def fake_job(volume, fake_worker, tmp_path, mode="segment", uncertainty=False, *
     return SegmentationJob(volume, settings, worker, command=command, **kwargs)
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_segmentation_job_with_a_fake_worker_imports_the_results(scene, volume, fake_worker, tmp_path):
     progress = []
@@ -614,6 +624,7 @@ def test_segmentation_job_with_a_fake_worker_imports_the_results(scene, volume, 
     assert not job.temp_dir.exists()  # temporary files removed
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_failed_worker_is_reported_and_leaves_the_scene_alone(scene, volume, fake_worker, tmp_path):
     before = scene.GetNumberOfNodes()
@@ -622,6 +633,7 @@ def test_failed_worker_is_reported_and_leaves_the_scene_alone(scene, volume, fak
     assert scene.GetNumberOfNodes() == before
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_output_on_the_wrong_grid_is_refused(scene, volume, fake_worker, tmp_path):
     result = fake_job(volume, fake_worker, tmp_path, mode="segment-wrong-grid").start().wait()
@@ -629,6 +641,7 @@ def test_output_on_the_wrong_grid_is_refused(scene, volume, fake_worker, tmp_pat
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+@pytest.mark.integration
 @needs_slicer
 @POSIX_ONLY
 def test_cancelling_a_job_stops_the_worker_and_removes_its_files(scene, volume, fake_worker, tmp_path):
@@ -642,6 +655,7 @@ def test_cancelling_a_job_stops_the_worker_and_removes_its_files(scene, volume, 
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_cohort_progress_is_spread_over_the_cases():
     assert cohort_progress(0.5, "[2/4] sub-02: step") == (0.375, "[2/4] sub-02: step")
@@ -656,6 +670,7 @@ def module():
     return module
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_module_imports_without_the_application_and_exposes_the_console_api(module):
     assert not module.HAVE_APPLICATION  # plain Python with slicer-core: the guarded Qt imports failed
@@ -669,6 +684,7 @@ def test_module_imports_without_the_application_and_exposes_the_console_api(modu
     assert "group" in inspect.signature(module.MultiscaleDiffSegLogic.set_group_visibility).parameters
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_module_self_test_of_the_mrml_import_runs_headless(module, scene, monkeypatch):
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
@@ -677,6 +693,7 @@ def test_module_self_test_of_the_mrml_import_runs_headless(module, scene, monkey
     test.test_ResultsToMRML()
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_sample_t1_is_checked_when_shipped(module):
     path = module.sampleT1Path()
@@ -686,6 +703,7 @@ def test_sample_t1_is_checked_when_shipped(module):
     assert module.sha256(path) == module.SAMPLE_T1_SHA256
 
 
+@pytest.mark.slow
 @needs_slicer
 def test_module_self_test_with_the_sample_runs_headless(module, scene, monkeypatch):
     """The module's own self-test (sample T1, fast preset, real worker), minus the application."""
@@ -699,20 +717,6 @@ def test_module_self_test_with_the_sample_runs_headless(module, scene, monkeypat
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory) -> Path:
-    """A model file flagged untrained: the real worker runs end to end, whatever model ships."""
-    pytest.importorskip("torch")
-    from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
-    from msdseg.model.modelfile import save_model
-
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "untrained.safetensors"
-    return save_model(MultiscaleDiffUNet(ModelConfig()), path, {"trained": False, "name": "untrained-test"})
-
-
 @pytest.fixture
 def logic(module, scene, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -722,6 +726,7 @@ def logic(module, scene, monkeypatch, tmp_path):
     return logic
 
 
+@pytest.mark.slow
 @needs_slicer
 def test_console_segment_runs_the_real_core_worker(logic, volume, untrained_model):
     """Console API, blocking: volume node -> `python -m msdseg segment` -> 32 segments + uncertainty."""
@@ -740,6 +745,7 @@ def test_console_segment_runs_the_real_core_worker(logic, volume, untrained_mode
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_non_blocking_without_the_application_refuses_before_starting(logic, volume):
     with pytest.raises(RuntimeError, match="blocking=False needs the Slicer application"):
@@ -747,12 +753,14 @@ def test_non_blocking_without_the_application_refuses_before_starting(logic, vol
     assert logic.job is None and not logic.isRunning
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_console_segment_failure_raises_with_the_workers_message(logic, volume, tmp_path):
     with pytest.raises(RuntimeError, match="model weights not found"):
         logic.segment(volume, preset="fast", device="cpu", model=str(tmp_path / "missing.safetensors"))
 
 
+@pytest.mark.integration
 @needs_slicer
 @POSIX_ONLY
 def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path):
@@ -771,6 +779,7 @@ def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path)
     assert not job.temp_dir.exists()
 
 
+@pytest.mark.slow
 @needs_slicer
 def test_segment_files_cohort_with_the_real_core(logic, untrained_model, tmp_path):
     inputs = tmp_path / "in"
@@ -802,6 +811,8 @@ def test_segment_files_cohort_with_the_real_core(logic, untrained_model, tmp_pat
 # the layout or the look, which only the application can show.
 import types  # noqa: E402
 import typing  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 
 class FakeWidget:
@@ -953,6 +964,9 @@ def gui_module(monkeypatch, scene, tmp_path):
 
     spec = importlib.util.spec_from_file_location("MultiscaleDiffSeg_gui", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
+    # registered as an import would be: the parameter node wrapper resolves the class's (deferred)
+    # annotations in the module's namespace through sys.modules, as Slicer's does
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert module.HAVE_APPLICATION
     module.records = records
@@ -968,6 +982,7 @@ def drive(logic, until, timeout=120.0):
     assert until(), "timed out"
 
 
+@pytest.mark.integration
 @needs_slicer
 def test_widget_apply_progress_results_groups_and_cancel(gui_module, scene, volume, fake_worker, monkeypatch):
     import MultiscaleDiffSegLib.jobs as jobs_module

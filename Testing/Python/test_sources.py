@@ -9,11 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msdseg.core.labels import load_tree
 from msdseg.training.sources import common, grid, labelmap, manifest, output, samseg_priors
 from msdseg.training.sources.labelmap import GEN_ONLY_OFFSET, IGNORE
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
+
 LEFT, RIGHT = labelmap.lateral_labels(TREE)
 
 

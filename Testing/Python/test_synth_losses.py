@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.core.labels import load_tree
 from msdseg.training.losses import HierarchicalLoss
 from msdseg.training.synth import IGNORE, LabelSource, SynthConfig, SyntheticGenerator
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
 
 
 def _toy_map(with_wm: bool = True) -> tuple[np.ndarray, np.ndarray]:

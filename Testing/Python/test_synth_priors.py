@@ -1,12 +1,14 @@
 """Label maps drawn from atlas priors: faithful where the atlas is certain, varied where it is not,
 on the right grid, and usable by the synthetic generator like any other label source."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from msdseg.core.labels import load_tree
 from msdseg.training.synth import SyntheticGenerator
 from msdseg.training.priors import PriorMapSampler, PriorSampleConfig, sample_label_map
+
+pytestmark = pytest.mark.unit
 
 LABELS = np.array([0, 3, 42, 1165], np.int32)
 
@@ -56,7 +58,7 @@ def test_noise_moves_uncertain_borders_but_keeps_certain_voxels_and_sides():
     assert xs[a == 3].mean() < a.shape[0] / 2 < xs[a == 42].mean()  # left stays left
 
 
-def test_sampler_reuses_maps_and_feeds_the_generator(tmp_path):
+def test_sampler_reuses_maps_and_feeds_the_generator(tmp_path, tree):
     path = _write(tmp_path, _toy_priors())
     sampler = PriorMapSampler(path, cfg=PriorSampleConfig(reuse=2))
     assert sampler.defined_labels == {3, 42}
@@ -64,7 +66,6 @@ def test_sampler_reuses_maps_and_feeds_the_generator(tmp_path):
     first, second, third = (sampler.label_source(rng) for _ in range(3))
     assert first is second and third is not first
     assert 1165 in first.classes and first.has_nonbrain  # head tissue comes from the atlas, no shells
-    tree = load_tree()
     sample = SyntheticGenerator([sampler], tree).sample(rng, 4.0)
     assert sample.source == sampler.name
     ch = [tree.aseg_to_channel[3], tree.aseg_to_channel[42]]

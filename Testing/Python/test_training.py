@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from msdseg.core.labels import load_tree
 from msdseg.model.network import ModelConfig
 from msdseg.training.synth import LabelSource, SyntheticGenerator
 from msdseg.training.trainer import Trainer, TrainConfig, TrainMode, synthetic_sample_fn
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
+
 MODEL = ModelConfig(spacings_mm=(2.0, 4.0, 8.0), channels=(4, 4, 8), image_channels_per_depth=(4, 4, 8), time_dim=16)
 # a 2 mm crop supervises three depths, a whole 4 mm volume two: rows of different lengths
 MODES = (TrainMode(2.0, (16, 16, 16), 0.5), TrainMode(4.0, None, 0.5))
@@ -33,6 +34,7 @@ def _trainer(out, max_steps: int) -> Trainer:
     return Trainer(cfg, TREE, synthetic_sample_fn(_generator()), model_cfg=MODEL)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly_and_logs_aligned_columns(tmp_path):
     straight = _trainer(tmp_path / "straight", 6)
     straight.run(handle_signals=False)

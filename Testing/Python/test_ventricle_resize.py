@@ -1,12 +1,13 @@
 """Ventricle size augmentation: ventricles grow into the tissue that lines them and nothing else,
 shrink back into it, keep the brain outline, and an unused option leaves the random stream alone."""
 import numpy as np
+import pytest
 import torch
 
-from msdseg.core.labels import load_tree
 from msdseg.training.synth import LabelSource, SynthConfig, SyntheticGenerator, resize_ventricles
+from shared import TREE
 
-TREE = load_tree()
+pytestmark = pytest.mark.unit
 
 
 def _map() -> torch.Tensor:

@@ -30,6 +30,8 @@ import SimpleITK as sitk
 
 from msdseg.core.errors import Cancelled, InputError
 
+pytestmark = pytest.mark.unit
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOTS = os.environ.get("MSDSEG_WEB_SCREENSHOTS")
@@ -397,8 +399,8 @@ def assert_not_blank(png: bytes, box: tuple[int, int, int, int] | None = None) -
     assert colours > 500 and float(array.std()) > 20.0, (colours, float(array.std()))
 
 
-def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, sample_t1, tmp_path):
-    from msdseg.core.labels import load_tree
+@pytest.mark.browser
+def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, sample_t1, tmp_path, tree):
     from msdseg.outputs.writers import read_seg_nrrd_labels
 
     server, page = web_server, Page(browser, web_server)
@@ -444,7 +446,7 @@ def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, 
     assert server.state()["job"]["state"] == "done", server.state()
     wait_for(lambda: "done in" in page.text(".msd-message"), 30, "'done in ... s' on the page", server)
     state = server.state()  # the page says "done in" once the result is in the scene
-    assert state["has_result"] and state["volumes_rows"] == len(load_tree().nodes)
+    assert state["has_result"] and state["volumes_rows"] == len(tree.nodes)
     assert state["uncertainty_node"] is not None
     assert page.all(".msd-untrained")  # the untrained-model warning is visible
     original = state["labels"]
@@ -474,7 +476,7 @@ def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, 
     # --- the volumes table
     page.tool("volumes")
     rows = page.wait_css(".msd-volumes-table tbody tr") and page.all(".msd-volumes-table tbody tr")
-    assert len(rows) == len(load_tree().nodes)
+    assert len(rows) == len(tree.nodes)
     page.screenshot("volumes")
 
     # --- paint one stroke with the segment editor, then undo and redo

@@ -485,9 +485,13 @@ def write_cohort_files(outdir: Path, outcomes: Sequence[CaseOutcome], settings: 
     writer.writerows(rows)
     atomic_write_text(written["volumes"], buf.getvalue())
     _warn_other_settings(sidecars, settings)
+    write_report = None
     if report:
-        from msdseg.batch.report import write_report
-
+        try:
+            from msdseg.batch.report import write_report
+        except ImportError as exc:  # 3D Slicer ships no matplotlib: cases and CSVs are complete without it
+            print(f"msdseg: cohort_report.html not written: it needs matplotlib ({exc})", file=sys.stderr)
+    if write_report is not None:
         failures = [(o.case.stem, str(o.case.path), _strip_path(o.reason, o.case.path))
                     for o in outcomes if o.status in ("failed", "cancelled")]
         info = {"preset": getattr(settings, "preset", ""), "model": (sidecars[0].get("info") or {}).get("model", "")

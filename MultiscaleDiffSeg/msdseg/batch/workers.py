@@ -158,14 +158,15 @@ def _segment_and_write(case: Case, outdir: Path, settings: Any, cohort: bool, re
     if not cohort:
         write_case_outputs(to_write, outdir, case.stem)
         return dict(result.info)
-    from msdseg.outputs.thumbnail import render_thumbnail
     from msdseg.outputs.sidecar import build_sidecar, case_measures, overlay_name, write_sidecar
 
     # everything the sidecar needs is computed first, so the two writes follow each other closely
     volumes = case_volumes(to_write)
     measures = case_measures(result.labels, volumes, result.tree, result.uncertainty)
     title = case.stem + ("" if result.info.get("trained", True) else " (UNTRAINED MODEL)")
-    try:
+    try:  # matplotlib may be missing (3D Slicer ships none): the case is still good without a picture
+        from msdseg.outputs.thumbnail import render_thumbnail
+
         png: bytes | None = render_thumbnail(image, result.labels, result.tree, result.uncertainty, title)
     except Exception:  # noqa: BLE001 - a missing thumbnail must not fail a good segmentation
         png = None

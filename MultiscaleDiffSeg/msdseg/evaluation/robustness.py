@@ -99,6 +99,25 @@ VARIANTS: dict[str, Callable[[sitk.Image], sitk.Image]] = {
     "bias field (x0.67-2.2)": lambda im: _bias_field(im, 0.4),
 }
 
+_AXIS_NAMES = ("x", "y", "z")
+
+
+def _isotropic(image: sitk.Image, mm: float) -> sitk.Image:
+    for axis in range(3):
+        image = _thick_slices(image, axis, mm)
+    return image
+
+
+#: The resolutions clinical scans come at: 3 and 5 mm slices along each voxel axis in turn (the
+#: held-out T1's axes, whatever anatomical direction they have), and 3 mm isotropic.
+RESOLUTION_VARIANTS: dict[str, Callable[[sitk.Image], sitk.Image]] = {
+    "1 mm (as stored)": lambda im: im,
+    **{f"{mm:g} mm slices along {_AXIS_NAMES[axis]}": (lambda im, a=axis, m=mm: _thick_slices(im, a, m))
+       for mm in (3.0, 5.0) for axis in range(3)},
+    "3 mm isotropic": lambda im: _isotropic(im, 3.0),
+}
+VARIANT_SETS = {"storage": VARIANTS, "resolution": RESOLUTION_VARIANTS}
+
 
 def run(
     image: sitk.Image, reference: sitk.Image, segment: Callable[[sitk.Image], sitk.Image],
@@ -154,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--preset", default="balanced")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--variants", choices=sorted(VARIANT_SETS), default="storage",
+                   help="storage: axis order, obliquity, integer/float storage, bias, 5 mm slices; "
+                        "resolution: 3 and 5 mm slices along each axis and 3 mm isotropic")
     add_intensity_argument(p)
     args = p.parse_args(argv)
 
@@ -180,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     for case in heldout_cases(Path(args.data)):
         image = load_volume(case["t1_path"])
         reference = read_image(case["labels_path"])
-        rows = run(image, reference, lambda im: segment_image(im, settings).labels, score)
+        rows = run(image, reference, lambda im: segment_image(im, settings).labels, score, VARIANT_SETS[args.variants])
         for r in rows:
             r["case"] = case["name"]
             print(f"{case['name']:12s} {r['variant']:28s} mean Dice {r['dice_mean_leaves']:.3f}  "
                   f"min {r['dice_min_leaves']:.3f}  swaps {r['n_swapped_pairs']}  {r['seconds']:.0f} s")
-        plot(rows, out / f"robustness_{case['name']}.png",
+        plot(rows, out / f"robustness_{args.variants}_{case['name']}.png",
              f"{args.model or 'shipped model'} - {case['name']} - preset {args.preset}")
         results.extend(rows)
     (out / "robustness.json").write_text(json.dumps(_json_safe({"model": args.model or "shipped",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from msdseg.core.io import case_stem, load_volume
 from msdseg.core.settings import SegmentSettings
