@@ -197,11 +197,11 @@ def resolve_device(requested: str, probe: Mapping[str, Any] | None) -> DeviceCho
 
 
 #: Rough wall-clock seconds for a 1 mm whole-head T1 (about 200 x 230 x 190 voxels), including
-#: the worker's start-up (Python, torch, model: about 15-20 s on a laptop CPU).  CPU "fast" (27 s)
-#: and "balanced" (54 s) were measured with ``msdseg segment`` on the MNI152 1 mm T1 on the 2-core
-#: development machine; "accurate" (2 mm entry, 4 steps x 4 samples) took 1.55x as long as
-#: "balanced" in one run of both (39.3 s vs 25.4 s, ``msdseg segment`` on the same T1).  The GPU
-#: rows are assumptions, not measurements: they only let the UI say "seconds" versus "minutes".
+#: the worker's start-up (Python, torch, model: :data:`STARTUP_SECONDS`).  These are rough
+#: estimates, only good enough for the UI to say "seconds" versus "minutes": the CPU rows are
+#: rounded from ``msdseg segment`` runs on the MNI152 1 mm T1 on one development machine
+#: ("accurate" scaled from a run of it beside "balanced"), and the GPU rows are assumptions, not
+#: measurements.  The measured times, with the commands that made them: docs/benchmarks.md.
 TIME_TABLE_SECONDS: dict[str, dict[str, float]] = {
     "cpu": {"fast": 30.0, "balanced": 55.0, "accurate": 85.0},
     "mps": {"fast": 20.0, "balanced": 35.0, "accurate": 50.0},

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 #: A value other than the default for every field, so the round trip has something to carry.
 NON_DEFAULT = dict(preset="accurate", device="cpu", steps=3, samples=5, uncertainty=True, seed=11,
                    model="/models/m.safetensors", precision="fp32", spacing_mm=4.0, check_brain=False,
-                   mirror=False, refine_mm=1.0, intensity=False)
+                   mirror=False, refine_mm=1.0, intensity=False, output_mm=1.0)
 
 
 def _parse(settings: SegmentSettings) -> SegmentSettings:
@@ -60,7 +60,7 @@ def test_resolved_applies_overrides_and_drops_a_refinement_that_cannot_happen():
 @pytest.mark.parametrize("field, value, message", [
     ("preset", "slow", "unknown preset"), ("device", "tpu", "unknown device"),
     ("precision", "int4", "unknown precision"), ("steps", -1, "--steps"), ("samples", 0, "--samples"),
-    ("refine_mm", -1.0, "--refine"), ("spacing_mm", 0.0, "--spacing"),
+    ("refine_mm", -1.0, "--refine"), ("spacing_mm", 0.0, "--spacing"), ("output_mm", 0.0, "--output-spacing"),
 ])
 def test_bad_values_fail_with_one_line_naming_them(field, value, message):
     with pytest.raises(InputError, match=message) as info:

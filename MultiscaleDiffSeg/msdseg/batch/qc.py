@@ -23,12 +23,12 @@ hemispheres') asymmetry index -- about 50 quantities per case.  A case is flagge
 exceeds :func:`z_limit_for`: the larger of ``z_floor`` (3.5, Iglewicz & Hoaglin) and the limit at
 which a cohort of the same size with Gaussian volumes would see ``false_flag_rate`` (1 %) of its
 cases flagged.  Why calibrate: the MAD of a small sample is itself noisy and ~50 tests per case
-multiply the chances, so a fixed 3.5 flagged ~40 % of simulated healthy cohorts of 10 and ~7 % of
-cohorts of 30; the calibrated limit is about 6.2 for 20 cases, 5.1 for 30, 4.1 for 100 and 3.75
-for 1000.  When the MAD is 0 the mean absolute deviation (times 1.2533) is used instead.  Below
-``min_cases_for_z`` cases, medians and MADs are meaningless, so fixed plausibility ranges for adult
-brains (:data:`PLAUSIBLE_ML`, wide bands around published FreeSurfer aseg volumes) and a fixed
-asymmetry limit are used instead.
+multiply the chances, so a fixed 3.5 would flag a large share of small healthy cohorts; the
+calibrated limit is high for small cohorts and falls towards the floor as the cohort grows (the
+simulated figures are in ``docs/cohorts.md``).  When the MAD is 0 the mean absolute deviation
+(times 1.2533) is used instead.  Below ``min_cases_for_z`` cases, medians and MADs are
+meaningless, so fixed plausibility ranges for adult brains (:data:`PLAUSIBLE_ML`, wide bands
+around published FreeSurfer aseg volumes) and a fixed asymmetry limit are used instead.
 """
 from __future__ import annotations
 
@@ -81,11 +81,10 @@ class QCRules:
     z_floor: float = 3.5
     false_flag_rate: float = 0.01
     min_cases_for_z: int = 20
-    # Uncertainty is the calibrated probability that a voxel's label is wrong.  With the shipped
-    # model (balanced), three good T1 scans (fsaverage, IBSR, the MNI152 sample) averaged
-    # 0.22-0.23 over the brain (largest structure mean 0.31, a cerebral cortex); heavy noise 0.24,
-    # 4 mm blur 0.23 (structure 0.39), an inverted (T2-like) contrast 0.30 (structure 0.57).
-    # ``python -m msdseg.evaluation.diagnostics.qc_probe`` measures these; re-run it when the model changes.
+    # Uncertainty is the calibrated probability that a voxel's label is wrong.  The thresholds sit
+    # between what the model states on good T1 scans and on degraded copies of one (noise, blur,
+    # inverted contrast), as ``python -m msdseg.evaluation.diagnostics.qc_probe`` measures them;
+    # the figures they were set from are in docs/cohorts.md.  Re-run the probe when the model changes.
     uncertainty_review: float = 0.27
     uncertainty_fail: float = 0.4
     structure_uncertainty_review: float = 0.45

@@ -10,7 +10,7 @@ Local pool choices (why):
 * ``concurrent.futures.ProcessPoolExecutor`` with the **forkserver** start method where it exists
   (Linux), else **spawn**: never ``fork`` from a process that may already run PyTorch threads.
   The fork server preloads :mod:`msdseg.inference.pipeline`, so PyTorch is imported once, not once per
-  worker (on a busy 2-core machine that import alone takes ~10 s).
+  worker (importing it is a noticeable share of a case's time on a busy CPU).
 * Each worker loads the model once (:func:`msdseg.inference.pipeline.get_model` caches per process) and
   uses ``max(1, cores // jobs)`` PyTorch threads (capped by ``OMP_NUM_THREADS`` when set), so
   ``--jobs`` divides the machine instead of oversubscribing it.

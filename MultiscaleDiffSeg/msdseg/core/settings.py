@@ -94,6 +94,7 @@ class SegmentSettings:
     mirror: bool | None = None  # every other sample sees the left/right-mirrored image
     refine_mm: float | None = None  # finish at this finer spacing (0 = no refinement)
     intensity: bool | None = None  # sharpen with the scan's own intensities
+    output_mm: float | None = None  # answer on a grid this fine over the input's box (None: the input's grid)
 
     def __post_init__(self) -> None:
         # front ends hand over enums (the Slicer parameter node) or strings: store the names
@@ -136,6 +137,8 @@ class SegmentSettings:
             changes["refine_mm"] = float(self.refine_mm) or None
         if self.intensity is not None:
             changes["intensity"] = bool(self.intensity)
+        if self.output_mm is not None and not 0.2 <= self.output_mm <= 4.0:
+            raise InputError("--output-spacing must be between 0.2 and 4 mm")
         plan = replace(plan, **changes)
         if plan.refine_mm and (plan.refine_mm >= plan.spacing_mm or plan.steps == 0):
             plan = replace(plan, refine_mm=None)  # nothing finer to go to, or a deterministic pass
@@ -165,6 +168,8 @@ class SegmentSettings:
             args += ["--refine", f"{self.refine_mm:g}"]
         if self.intensity is not None:
             args.append("--intensity" if self.intensity else "--no-intensity")
+        if self.output_mm is not None:
+            args += ["--output-spacing", f"{self.output_mm:g}"]
         return args
 
     @classmethod
@@ -192,6 +197,10 @@ class SegmentSettings:
         p.add_argument("--refine", dest="refine_mm", type=float, default=None, metavar="MM",
                        help="finish the sampling at this finer spacing (coarse to fine; 0 = off)")
         add_intensity_argument(p)
+        p.add_argument("--output-spacing", dest="output_mm", type=float, default=None, metavar="MM",
+                       help="write the labels (and uncertainty) on a grid with voxel sides of at most MM "
+                            "over the input's field of view, e.g. 1 for 1 mm labels from a thick-slice scan "
+                            "(default: exactly the input's grid)")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "SegmentSettings":

@@ -1,8 +1,8 @@
 """Calibrated voxel-wise uncertainty: one temperature per preset, fitted on synthetic cases.
 
 Why: the averaged diffusion samples are over-confident on real scans (on the held-out T1 the most
-likely label had mean probability 0.83 where it was right 72% of the time), so a map that says "this
-label is wrong with probability u" needs a correction.  Temperature scaling (Guo et al., 2017) is
+likely label's mean probability was above the share of voxels where it was right), so a map that
+says "this label is wrong with probability u" needs a correction.  Temperature scaling (Guo et al., 2017) is
 the standard one: ``p_T = softmax(log p / T)``.  It keeps every voxel's most likely label, so labels,
 Dice and volumes do not change; only the stated confidence does.
 

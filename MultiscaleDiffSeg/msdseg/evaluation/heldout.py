@@ -3,8 +3,8 @@
 For each such case the model segments the T1 three times — with the preset's diffusion ensemble,
 with the same ensemble without mirrored samples, and with one deterministic pass of the same
 network (``steps=0``) — and each is scored against the reference with
-:func:`msdseg.evaluation.metrics.evaluate`.  That is the comparison the benchmarks report ("the ensemble is
-never worse than a single pass", and what mirroring adds).  Maps used in training are never scored
+:func:`msdseg.evaluation.metrics.evaluate`.  That is the comparison the benchmarks report (what the ensemble
+adds over a single pass, and what mirroring adds).  Maps used in training are never scored
 here.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Why a second held-out score: the real held-out T1 (fsaverage) is a single image, and an average of
 40 brains at that: its cortex fades into the sulcal and extracerebral CSF, so one number mixes what
-the model knows about anatomy with how it reads that one blurred picture, and two models within
-about 0.01 Dice of each other cannot be ranked on it. Here the same held-out label map (never used
+the model knows about anatomy with how it reads that one blurred picture, and two close models
+cannot be ranked on it (docs/research/field_notes.md). Here the same held-out label map (never used
 in training) is drawn ``--cases`` times by the training generator — random deformation, contrast,
 bias field, noise and resolution, without thick slices or cut fields of view (:func:`render_config`) —
 and each render is segmented through the user's path (:func:`msdseg.inference.pipeline.segment_image` on a

@@ -5,7 +5,7 @@ Choices and why:
 * **Metrics come from MONAI** (``compute_dice``, ``compute_hausdorff_distance`` with
   ``percentile=95`` and the voxel spacing, i.e. HD95 in mm) so numbers match what the wider community
   computes.  Each structure is cropped to the bounding box of prediction and reference (plus a margin)
-  first: the metrics are unchanged and a 256^3 case takes seconds instead of minutes.
+  first: the metrics are unchanged and a large case is scored far faster than on its whole grid.
 * **Hierarchy nodes** are the union of their leaves in both maps, so errors between siblings (e.g.
   caudate vs putamen) do not count against their parent (subcortical grey matter).
 * **Undefined is not zero.**  A structure absent from the reference (or not labelled by a foreign

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", choices=sorted(VARIANT_SETS), default="storage",
                    help="storage: axis order, obliquity, integer/float storage, bias, 5 mm slices; "
                         "resolution: 3 and 5 mm slices along each axis and 3 mm isotropic")
+    p.add_argument("--output-spacing", dest="output_mm", type=float, default=None, metavar="MM",
+                   help="answer on a grid of at most MM (as msdseg segment --output-spacing)")
     add_intensity_argument(p)
     args = p.parse_args(argv)
 
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     tree = load_tree()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    settings = SegmentSettings(preset=args.preset, model=args.model, check_brain=False, intensity=args.intensity)
+    settings = SegmentSettings(preset=args.preset, model=args.model, check_brain=False, intensity=args.intensity,
+                               output_mm=args.output_mm)
 
     def score(labels: sitk.Image) -> dict[str, Any]:
         rep = evaluate(labels, reference, tree)

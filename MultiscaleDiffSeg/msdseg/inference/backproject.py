@@ -120,10 +120,14 @@ def fit_voxels(
 
 def intensity_model_for(
     probs: torch.Tensor, grid: ModelGrid, image: sitk.Image, plan: Preset, seed: int,
+    source_spacing: tuple[float, ...] | None = None,
 ) -> IntensityModel | None:
     """The scan's fitted intensity model when the plan asks for it and the scan is fine enough
-    to add detail to ``grid`` (:mod:`msdseg.inference.intensity`); None otherwise."""
-    if not plan.intensity or not worth_refining(image.GetSpacing(), grid.spacing_mm):
+    to add detail to ``grid`` (:mod:`msdseg.inference.intensity`); None otherwise.  ``source_spacing``:
+    the scan's own spacing when ``image`` is the scan on a finer output grid (interpolation adds no
+    detail, so the decision follows what was acquired)."""
+    spacing = image.GetSpacing() if source_spacing is None else source_spacing
+    if not plan.intensity or not worth_refining(spacing, grid.spacing_mm):
         return None
     voxels = fit_voxels(probs, grid, image, BAND, FIT_VOXELS, seed)
     return None if voxels is None else fit_intensity_model(*voxels)

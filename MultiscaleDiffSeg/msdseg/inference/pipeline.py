@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from msdseg.core.errors import Cancelled, InputError
-from msdseg.core.geometry import head_grid
+from msdseg.core.geometry import finer_output_grid, head_grid
 from msdseg.core.io import squeeze_to_3d, validate_image
 from msdseg.core.labels import LabelTree, load_tree
 from msdseg.core.settings import SegmentSettings
@@ -98,9 +98,13 @@ def segment_image(
     # calibrated probabilities: same most likely label, honest confidence
     temperature = temperature_for(loaded.config, settings.preset)
     error_prob = error_probability(temper(result.mean, temperature))
+    source_spacing = image.GetSpacing()  # the detail the scan really has, whatever grid it is answered on
+    if settings.output_mm:
+        report(0.90, f"answering on a grid of at most {settings.output_mm:g} mm")
+        image = finer_output_grid(image, settings.output_mm)
     if plan.intensity:
         report(0.90, "fitting this scan's intensities")
-    intensity = intensity_model_for(result.mean, grid, image, plan, settings.seed)
+    intensity = intensity_model_for(result.mean, grid, image, plan, settings.seed, source_spacing)
     step = "labels at the scan's voxels, sharpened by its intensities" if intensity else "mapping labels back to the input grid"
     report(0.92, step)
 
@@ -131,6 +135,7 @@ def segment_image(
         "mirror": plan.mirrored,
         "refine_mm": plan.refine_mm,
         "intensity_refined": intensity is not None,
+        "output_spacing_mm": [round(float(s), 4) for s in image.GetSpacing()],
         "seed": settings.seed,
         "seconds": round(time.time() - t_start, 2),
         "calibration_temperature": temperature,

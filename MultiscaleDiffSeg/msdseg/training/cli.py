@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop this run after so many minutes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 2x faster on CPUs with AVX-512 BF16 or AMX; far slower without)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast (faster on CPUs with AVX-512 BF16 or AMX, far slower without; "
+                   "measurements in docs/research/field_notes.md)")
     p.add_argument("--init", default=None, help="start from this model file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=0.999,

@@ -25,7 +25,8 @@ from msdseg.core.errors import InputError
 from msdseg.training.synth import SynthConfig, SyntheticGenerator
 from msdseg.training.trainer import DEFAULT_MODES, TrainMode
 
-#: cumulative option sets, at the shares run w1 trains with
+#: cumulative option sets, each option at share 0.5 as in the training recipe
+#: (docs/research/model_history.md)
 OPTION_SETS: tuple[tuple[str, dict], ...] = (
     ("none", {}),
     ("`--ventricle-change 0.5`", {"ventricle_change_prob": 0.5}),

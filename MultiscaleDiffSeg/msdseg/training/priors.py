@@ -9,7 +9,8 @@ millimetres, coherently over the field's correlation length, not voxel by voxel 
 per-voxel draws would give salt and pepper, not anatomy).
 
 Maps are built at 1 mm, one class at a time (memory stays at a few volumes), and a sampler reuses
-each map for several draws: building one costs a few seconds, a training step one or two.
+each map for several draws: building one costs more than a training step (timings in
+docs/research/field_notes.md).
 """
 from __future__ import annotations
 

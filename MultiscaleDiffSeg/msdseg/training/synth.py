@@ -109,9 +109,9 @@ def resize_ventricles(labels: torch.Tensor, change_mm: float, spacing_mm: float,
 
     ``horn_scale`` < 1 changes the temporal horns (5, 44) by only that share of ``change_mm``,
     with a fractional last layer where a smooth random field allows.  Why: a horn is one or two
-    voxels thick, so a whole layer multiplies its volume (+3 mm takes cvs_avg35's horns to 4.6
-    times their size while its lateral ventricles reach 2.5 times), and a model trained on full
-    layers over-segments the horns (docs/research/model_history.md).  1 keeps the single pass
+    voxels thick, so a whole layer multiplies its volume (the same millimetres grow the horns by a
+    far larger factor than the rest of the lateral ventricles), and a model trained on full layers
+    over-segments the horns (docs/research/model_history.md).  1 keeps the single pass
     of earlier runs, voxel for voxel.
     """
     layers = int(round(abs(change_mm) / spacing_mm))
@@ -159,15 +159,16 @@ def resize_nuclei(labels: torch.Tensor, change_mm: dict[int, float], spacing_mm:
     its own side's white matter (> 0) or shrunk back into it (< 0) by about ``|change_mm|``.
 
     Why: on renders of the held-out labels, where every structure has its own clear intensity,
-    the model still makes thalamus, pallidum, accumbens, ventral DC and caudate 10-38 % too large
-    (docs/research/model_history.md): a size prior learned from the complete training maps, whose
-    nuclei are large (cvs_avg35 thalamus 11 mL and caudate 5.1 mL per side; healthy adults' are
-    nearer 7-8 mL and 3.5-4 mL in FreeSurfer's measurements).  Nucleus size varies between people
-    and shrinks with age, and the contrast between most nuclei and white matter in T1 is weak, so
-    a model that has seen only a few sizes answers with its prior.  Whole voxel layers are
-    added or removed; a fractional last layer goes only where a smooth random field allows, so
-    the change is continuous on average and uneven along the surface.  Shrinking hands the rim to
-    the white matter it touches (a rim that touches only another nucleus or a ventricle stays).
+    a model trained without this change still made thalamus, pallidum, accumbens, ventral DC and
+    caudate too large (docs/research/model_history.md): a size prior learned from the complete
+    training maps, whose nuclei are large (cvs_avg35 thalamus 11 mL and caudate 5.1 mL per side;
+    healthy adults' are nearer 7-8 mL and 3.5-4 mL in FreeSurfer's measurements).  Nucleus size
+    varies between people and shrinks with age, and the contrast between most nuclei and white
+    matter in T1 is weak, so a model that has seen only a few sizes answers with its prior.  Whole
+    voxel layers are added or removed; a fractional last layer goes only where a smooth random
+    field allows, so the change is continuous on average and uneven along the surface.  Shrinking
+    hands the rim to the white matter it touches (a rim that touches only another nucleus or a
+    ventricle stays).
     """
     amounts = {left: abs(change_mm.get(left, 0.0)) / spacing_mm for left, _ in NUCLEI}
     chosen = [pair for pair in NUCLEI if amounts[pair[0]] > 1e-6]

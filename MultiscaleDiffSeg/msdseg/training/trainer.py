@@ -10,9 +10,9 @@ written atomically every few minutes and on SIGINT/SIGTERM, so an interrupted ru
 it stopped.  A CSV log records every logged step.
 
 An exponential moving average (EMA) of the weights is kept beside the raw weights and is what
-:func:`export_checkpoint` ships: with batch size 1 and a high learning rate, single checkpoints a
-hundred steps apart differ by several Dice points on real scans, and the average over the last
-~1/(1-decay) steps removes most of that noise at no training cost.
+:func:`export_checkpoint` ships: with batch size 1 and a high learning rate, neighbouring single
+checkpoints differ markedly on real scans (docs/research/field_notes.md, "Checkpoint noise"), and
+the average over the last ~1/(1-decay) steps removes most of that noise at no training cost.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Grow a trained model wider without changing what it computes.
 
-Why: the shipped network (8/16/32/64 channels) stopped improving at 2 mm long before the targets;
-its 2 mm head names 33 classes from 16 features.  Training a wider network from scratch would
-throw away ~30,000 CPU-seconds of training, so instead every depth can be widened by an integer
-factor in place:
+Why: the narrow network (8/16/32/64 channels) stopped improving at 2 mm long before the targets
+(docs/research/model_history.md); its 2 mm head names 33 classes from 16 features.  Training a
+wider network from scratch would throw away all the CPU time already spent training the narrow
+one, so instead every depth can be widened by an integer factor in place:
 
 - each old weight is copied into the top-left block of the wider tensor;
 - weights from a *new* input channel to an *old* output channel are zero, so the old channels

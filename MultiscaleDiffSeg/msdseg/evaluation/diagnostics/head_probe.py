@@ -2,7 +2,7 @@
 
 Why: the training loss can hide a head that never outputs some classes.  Soft Dice counts a class
 that is absent from a crop and absent from the answer as right, so a head that has given up on
-small structures still logs a good loss (the shipped model's 1 mm head never named putamen,
+small structures still logs a good loss (an earlier model's 1 mm head never named putamen,
 pallidum, amygdala, accumbens, temporal horns or 3rd/4th ventricles: docs/research/field_notes.md).  This
 probe draws crops from the training generator at one spacing, runs the network once per crop at
 a fixed timestep and scores the argmax of the entry head class by class, pooled over the crops.

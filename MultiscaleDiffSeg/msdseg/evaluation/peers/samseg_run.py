@@ -132,7 +132,7 @@ def run_samseg(t1: Path, outdir: Path, threads: int = 1, nice: int = 0, cache_di
     outdir = Path(outdir).resolve()
     samseg_dir = outdir / "samseg"
     samseg_dir.mkdir(parents=True, exist_ok=True)
-    reference = read_image(t1)  # validates the input before spending 10+ minutes
+    reference = read_image(t1)  # validates the input before the long SAMSEG run (docs/benchmarks.md)
     record_path = outdir / "samseg_run.json"
     if convert_only:
         record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}

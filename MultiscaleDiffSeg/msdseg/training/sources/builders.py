@@ -31,8 +31,8 @@ IBSR_CORTEX_REASON = ("cortex takes in the sulcal CSF (cortex/WM volume 1.77 aga
 # Measured on the prepared maps (docs/data_sources.md): the temporal horns (5 / 44) hold 0.05 / 0.25 mL in
 # cvs_avg35 and 0.05 / 0.09 mL in IBSR against 0.74 / 0.72 (SAMSEG) and 0.55 / 0.47 (fsaverage); the
 # horn's posterior part, which the FreeSurfer-protocol maps call temporal horn, is lateral ventricle
-# (or voted away) in these averages. On the held-out T1 the model labelled exactly that part
-# lateral ventricle (one of the two horn components per side missed entirely).
+# (or voted away) in these averages. On the held-out T1 a model trained on their split labelled
+# exactly that part lateral ventricle (docs/research/field_notes.md).
 VENTRICLE_GROUPS = ((4, 5), (43, 44))
 VENTRICLE_SPLIT_REASON = ("temporal horns nearly absent (0.05-0.25 mL against 0.5-0.7 mL in the "
                           "FreeSurfer-protocol maps): ventricles learnt as a whole, not split")

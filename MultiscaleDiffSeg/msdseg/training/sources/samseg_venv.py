@@ -38,7 +38,7 @@ def _usable(venv: Path) -> bool:
 
 
 def ensure_samseg_venv(cache_dir: Path, wheel_dir: Path) -> Path:
-    """Path of the venv's python, creating the venv (about a minute) when needed."""
+    """Path of the venv's python, creating the venv (slow: pip builds ``surfa`` from source) when needed."""
     venv = Path(cache_dir) / VENV_NAME
     if _usable(venv):
         return venv_python(venv)
