@@ -46,11 +46,15 @@ def test_no_voxel_in_the_band_gives_no_model():
     assert fit_intensity_model(probs, torch.rand(500)) is None
 
 
-def test_worth_refining_only_scans_finer_than_the_entry_grid():
+def test_worth_refining_scans_with_detail_along_at_least_two_axes():
+    """A thick-slice scan is still sharp within its slices; a scan coarse in every direction is not."""
     assert worth_refining((1.0, 1.0, 1.0), 2.0)
     assert worth_refining((0.9, 0.9, 1.5), 2.0)
-    assert not worth_refining((1.0, 1.0, 5.0), 2.0)
+    assert worth_refining((1.0, 1.0, 5.0), 2.0)  # in-plane detail of a 5 mm slice stack
+    assert worth_refining((5.0, 1.0, 1.0), 2.0)  # whichever axis the slices are stacked along
+    assert not worth_refining((1.0, 3.0, 3.0), 2.0)
     assert not worth_refining((2.0, 2.0, 2.0), 2.0)
+    assert not worth_refining((3.0, 3.0, 3.0), 2.0)
 
 
 def _border_case():

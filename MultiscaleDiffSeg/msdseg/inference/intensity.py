@@ -14,8 +14,9 @@ so on its own it is far more sure of itself than it should be.  Being fitted per
 needs no assumption about contrast, scanner or intensity scale.  Voxels the network calls background
 with at least :data:`BAND` probability (most of the head) keep its answer.
 
-Only used where the scan is finer than the network's grid (:func:`worth_refining`): on 5 mm slices
-the intensities carry no detail the 2 mm answer lacks.
+Only used where the scan is finer than the network's grid along at least two axes
+(:func:`worth_refining`): within the slices of a thick-slice scan the intensities still carry detail
+the 2 mm answer lacks; a scan coarse in every direction has none to add.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ BAND = 0.98
 ITERATIONS = 3
 #: voxels drawn for the fit: the Gaussians' moments are settled long before a whole scan
 FIT_VOXELS = 1_000_000
-#: refine only inputs whose coarsest voxel side is at most this fraction of the entry spacing
+#: a voxel axis carries detail the entry grid lacks when its spacing is at most this fraction of it
 MAX_INPUT_SPACING_SHARE = 0.75
+#: refine inputs with at least this many such axes: a thick-slice scan still has in-plane detail
+MIN_DETAILED_AXES = 2
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,14 @@ def fit_intensity_model(
 
 
 def worth_refining(input_spacing: tuple[float, ...], entry_mm: float) -> bool:
-    """True when the input resolves detail the entry grid does not (its coarsest side is clearly
-    finer than the entry spacing)."""
-    return max(float(s) for s in input_spacing) <= MAX_INPUT_SPACING_SHARE * float(entry_mm)
+    """True when the input resolves detail the entry grid does not along at least
+    :data:`MIN_DETAILED_AXES` voxel axes.
+
+    Why per axis: a clinical 1 x 1 x 5 mm scan blurs across its slices but is sharp within them,
+    and each voxel's own intensity still says which side of an in-plane border it lies on; an
+    isotropic 3 mm scan is coarser than the entry grid everywhere and has nothing to add."""
+    fine = sum(float(s) <= MAX_INPUT_SPACING_SHARE * float(entry_mm) for s in input_spacing)
+    return fine >= MIN_DETAILED_AXES
 
 
 def draw_fit_voxels(box_start: tuple[int, int, int], box_stop: tuple[int, int, int], n: int,
