@@ -95,7 +95,8 @@ def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):
     events = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
     assert events and events[-1]["progress"] == 1.0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["sub-01_T1w.seg.nrrd", "sub-01_T1w_labels.nii.gz", "sub-01_T1w_uncertainty.nii.gz", "sub-01_T1w_volumes.csv"]
+    assert names == ["sub-01_T1w.seg.nrrd", "sub-01_T1w_labels.nii.gz", "sub-01_T1w_provenance.json",
+                     "sub-01_T1w_uncertainty.nii.gz", "sub-01_T1w_volumes.csv"]
     labels = sitk.ReadImage(str(out / "sub-01_T1w_labels.nii.gz"))
     assert labels.GetSize() == img.GetSize()
     np.testing.assert_allclose(labels.GetSpacing(), img.GetSpacing(), atol=1e-5)

@@ -180,3 +180,13 @@ def test_the_model_card_is_short_and_has_the_standard_sections():
     for section in ("model details", "intended use", "out-of-scope", "training data", "evaluation data",
                     "results", "limitations", "reproduce"):
         assert any(section in h for h in headings), f"model card lacks a '{section}' section: {headings}"
+
+
+@pytest.mark.unit
+def test_every_test_named_in_the_reliability_table_exists():
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 10
+    for filename, test in named:
+        source = (ROOT / "Testing" / "Python" / filename).read_text()
+        assert re.search(rf"^def {test}\(", source, re.M), f"{filename}::{test} named in docs/reliability.md"

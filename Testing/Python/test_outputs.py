@@ -287,6 +287,21 @@ def test_atomic_write_and_stale_cleanup(tmp_path: Path) -> None:
     assert fresh.exists()
 
 
+def test_a_commits_backup_is_never_deleted_for_its_age(tmp_path: Path) -> None:
+    """A kill between moving an old output aside and renaming the new one in leaves the backup as
+    the only copy: it is put back when the output is missing and kept otherwise, however old."""
+    lost = tmp_path / f"{atomic.BACKUP_PREFIX}0123456789ab-S_labels.nii.gz"
+    lost.write_text("the only copy")
+    kept = tmp_path / f"{atomic.BACKUP_PREFIX}ba9876543210-S.seg.nrrd"
+    kept.write_text("an earlier segmentation")
+    (tmp_path / "S.seg.nrrd").write_text("the new one")
+    for p in (lost, kept):
+        os.utime(p, (1, 1))  # backups keep the old file's times: they look ancient
+    atomic.remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "S_labels.nii.gz").read_text() == "the only copy" and not lost.exists()
+    assert kept.read_text() == "an earlier segmentation" and (tmp_path / "S.seg.nrrd").read_text() == "the new one"
+
+
 # ----------------------------------------------------------------------------- resume checks
 def test_outputs_complete(tmp_path: Path) -> None:
     img = oblique_labels()

@@ -222,6 +222,18 @@ def case_complete(outdir: Path, stem: str, uncertainty: bool, cohort: bool) -> b
     return outputs_complete(outdir, stem, uncertainty) and (not cohort or sidecar_valid(outdir, stem))
 
 
+def _already_done(case: Case, outdir: Path, settings: Any, cohort: bool) -> bool:
+    """Skip before any worker starts: the outputs were made from this input, settings and model
+    and are unchanged (:mod:`msdseg.outputs.provenance`), and in a cohort the sidecar is valid."""
+    from msdseg.batch.workers import assess_case
+
+    try:
+        current = assess_case(case, outdir, settings).state == "current"
+    except OSError:
+        return False  # the worker reports the unreadable input
+    return current and case_complete(outdir, case.stem, settings.uncertainty, cohort)
+
+
 # ----------------------------------------------------------------------------- signals
 class SignalStop:
     """First SIGINT/SIGTERM: set a flag (stop scheduling, cancel running cases); second: abort.
@@ -359,7 +371,7 @@ def run_cohort(
         try:
             todo = []
             for case in cases:  # cheap header reads: finished cases never reach a worker
-                if not overwrite and case_complete(outdir, case.stem, settings.uncertainty, cohort):
+                if not overwrite and _already_done(case, outdir, settings, cohort):
                     outcomes[case.stem] = CaseOutcome(case, "skipped", "outputs already complete")
                     display.finished_case(outcomes[case.stem], in_process=False)
                 else:

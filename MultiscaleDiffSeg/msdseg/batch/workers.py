@@ -32,9 +32,12 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecu
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from msdseg.core.errors import Cancelled, InputError
+
+if TYPE_CHECKING:
+    from msdseg.outputs.provenance import Assessment
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -99,18 +102,26 @@ def process_case(
     """Segment ``case`` into ``outdir`` unless its outputs are already complete.
 
     ``cohort`` adds what several cases need: the per-case log, ``S_case.json`` and
-    ``S_overlay.png`` (a single-case run keeps the four-file output contract).  In a cohort the
+    ``S_overlay.png`` (a single-case run writes only the outputs and ``S_provenance.json``).  In a cohort the
     uncertainty is always computed in memory (cheap: one more interpolated channel) so that the
     per-structure mean uncertainty is known; the map is only written with ``--uncertainty``.
     """
-    from msdseg.outputs.writers import outputs_complete
-
     outdir = Path(outdir)
     log = CaseLog(outdir if cohort else None, case.stem)
     t0 = time.time()
     if cancel is not None and cancel():
         return CaseOutcome(case, "cancelled", "not started")
-    if not overwrite and outputs_complete(outdir, case.stem, settings.uncertainty):
+    try:
+        found = assess_case(case, outdir, settings)
+    except FileNotFoundError:
+        return CaseOutcome(case, "failed", f"{case.path}: file not found")
+    except OSError as exc:
+        return CaseOutcome(case, "failed", f"{case.path}: cannot be read ({exc.strerror or exc})")
+    if found.state == "foreign" and not overwrite:
+        reason = f"{found.reason}: kept; run with --overwrite to replace (a dated backup is kept)"
+        log.write(f"refused: {reason}")
+        return CaseOutcome(case, "failed", reason)
+    if found.state == "current" and not overwrite:
         from msdseg.outputs.sidecar import rebuild_sidecar, sidecar_valid
 
         if not cohort or sidecar_valid(outdir, case.stem):
@@ -123,6 +134,8 @@ def process_case(
             return CaseOutcome(case, "skipped", "outputs already complete (sidecar rebuilt)")
         except Exception as exc:  # noqa: BLE001 - unreadable outputs: segment again
             log.write(f"could not rebuild the sidecar ({_one_line(exc)}); segmenting again")
+    if found.state == "stale":
+        log.write(f"segmenting again: {found.reason}")
     log.write(f"start {case.path} on {socket.gethostname()} pid {os.getpid()} settings {settings}")
 
     def report(frac: float, msg: str) -> None:
@@ -131,7 +144,7 @@ def process_case(
             progress(frac, msg)
 
     try:
-        info = _segment_and_write(case, outdir, settings, cohort, report, cancel)
+        info = _segment_and_write(case, outdir, settings, cohort, report, cancel, found)
     except Cancelled:
         log.write("cancelled: nothing written")
         return CaseOutcome(case, "cancelled", "stopped while running", seconds=time.time() - t0)
@@ -145,18 +158,31 @@ def process_case(
     return CaseOutcome(case, "done", info=info, seconds=time.time() - t0)
 
 
+def assess_case(case: Case, outdir: Path, settings: Any) -> "Assessment":
+    """How the outputs already in ``outdir`` relate to segmenting ``case`` with ``settings``
+    (:func:`msdseg.outputs.provenance.assess`); reads the input and the outputs to hash them."""
+    from msdseg.outputs.provenance import RunIdentity, assess
+    from msdseg.outputs.writers import output_names
+
+    expected = ["labels", "segmentation", "volumes"] + (["uncertainty"] if settings.uncertainty else [])
+    identity = RunIdentity.of(case.path, settings)
+    found = assess(outdir, case.stem, output_names(case.stem), identity, expected)
+    found.identity = identity
+    return found
+
+
 def _segment_and_write(case: Case, outdir: Path, settings: Any, cohort: bool, report: ProgressFn,
-                       cancel: CancelFn | None) -> dict:
+                       cancel: CancelFn | None, found: "Assessment") -> dict:
     from msdseg.inference.pipeline import segment_image
     from msdseg.core.io import load_volume
-    from msdseg.outputs.writers import case_volumes, write_case_outputs
+    from msdseg.outputs.writers import case_volumes
 
     image = load_volume(case.path)
     run_settings = replace(settings, uncertainty=True) if cohort else settings
     result = segment_image(image, run_settings, progress=report, cancel=cancel)
     to_write = result if settings.uncertainty else replace(result, uncertainty=None)
     if not cohort:
-        write_case_outputs(to_write, outdir, case.stem)
+        _replace_outputs(to_write, outdir, case, found)
         return dict(result.info)
     from msdseg.outputs.sidecar import build_sidecar, case_measures, overlay_name, write_sidecar
 
@@ -170,13 +196,30 @@ def _segment_and_write(case: Case, outdir: Path, settings: Any, cohort: bool, re
         png: bytes | None = render_thumbnail(image, result.labels, result.tree, result.uncertainty, title)
     except Exception:  # noqa: BLE001 - a missing thumbnail must not fail a good segmentation
         png = None
-    written = write_case_outputs(to_write, outdir, case.stem)
+    written = _replace_outputs(to_write, outdir, case, found)
     outputs = {k: p.name for k, p in written.items()}
     if png is not None:
         outputs["overlay"] = overlay_name(case.stem)
     doc = build_sidecar(case.stem, case.path, settings, result.info, volumes, measures, outputs)
     write_sidecar(outdir, case.stem, doc, png)
     return dict(result.info)
+
+
+def _replace_outputs(result: Any, outdir: Path, case: Case, found: "Assessment") -> dict[str, Path]:
+    """Write the case's outputs with their provenance; a person's files (only reached with
+    ``--overwrite``) are first kept as dated backups, and earlier outputs this run does not write
+    again (an uncertainty map of another seed) are removed so nothing stale stays beside the new."""
+    from msdseg.outputs.provenance import back_up
+    from msdseg.outputs.writers import write_case_outputs
+
+    if found.foreign:
+        back_up(outdir, found.foreign)
+    written = write_case_outputs(result, outdir, case.stem, found.identity, case.path)
+    for name in [*found.ours.values(), *found.foreign]:
+        path = outdir / name
+        if path not in written.values():
+            path.unlink(missing_ok=True)
+    return written
 
 
 # ----------------------------------------------------------------------------- local pool

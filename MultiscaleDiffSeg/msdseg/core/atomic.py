@@ -179,6 +179,9 @@ def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float =
     """Delete temporaries left by a killed process (``SIGKILL`` skips every cleanup).
 
     Only files older than ``older_than_s`` go, so a concurrent writer's live temporaries survive.
+    A commit's backup (``.msdseg-bak-<token>-NAME``) is never deleted for its age: it may be the
+    only copy of an earlier output (a kill between moving the old file aside and renaming the new
+    one in).  When ``NAME`` is missing it is put back; otherwise it stays for a person to look at.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -186,7 +189,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float =
     now = time.time()
     removed: list[Path] = []
     for p in directory.iterdir():
-        if p.name.startswith((TMP_PREFIX, BACKUP_PREFIX)) and p.is_file():
+        if not p.is_file():
+            continue
+        if p.name.startswith(BACKUP_PREFIX):
+            final = directory / p.name[len(BACKUP_PREFIX):].split("-", 1)[-1]
+            if not final.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(p, final)
+        elif p.name.startswith(TMP_PREFIX):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > older_than_s:
                     p.unlink()

@@ -15,9 +15,10 @@ or none does, which is what the resume logic (:func:`outputs_complete`) relies o
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +26,9 @@ import SimpleITK as sitk
 from msdseg.core.atomic import OutputGroup, remove_stale_temporaries
 from msdseg.core.labels import LabelTree, Node
 from msdseg.core.volumes import CSV_COLUMNS, aggregate_volumes, structure_volumes, write_volumes_csv
+
+if TYPE_CHECKING:
+    from msdseg.outputs.provenance import RunIdentity
 
 # Slicer terminology context names (3D Slicer General Anatomy list, DICOM anatomic codes).
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -261,9 +265,13 @@ def case_volumes(result: CaseResult) -> dict[str, float]:
     return structure_volumes(arr, result.labels.GetSpacing(), result.tree)
 
 
-def write_case_outputs(result: CaseResult, outdir: str | os.PathLike, stem: str) -> dict[str, Path]:
+def write_case_outputs(result: CaseResult, outdir: str | os.PathLike, stem: str,
+                       identity: "RunIdentity | None" = None, input_path: str | os.PathLike | None = None,
+                       ) -> dict[str, Path]:
     """Write all outputs of one case atomically; returns output kind -> final path.
 
+    With ``identity`` (the input, settings and model of the run) ``S_provenance.json`` is written in
+    the same all-or-nothing step, recording each file's SHA256 (:mod:`msdseg.outputs.provenance`).
     Raises ``ValueError`` for a labels image that breaks the contract (not 3-D, not integer, numbers
     outside the tree, uncertainty on another grid) before anything is written.
     """
@@ -276,19 +284,21 @@ def write_case_outputs(result: CaseResult, outdir: str | os.PathLike, stem: str)
     volumes = case_volumes(result)
     names = output_names(stem)
     remove_stale_temporaries(outdir)
-    written: dict[str, Path] = {}
     with OutputGroup(outdir) as group:
-        labels_u16 = sitk.Cast(labels, sitk.sitkUInt16)
-        sitk.WriteImage(labels_u16, str(group.path(names["labels"])), useCompression=True)
-        write_seg_nrrd(group.path(names["segmentation"]), labels, tree)
-        write_volumes_csv(group.path(names["volumes"]), volumes, tree)
-        kinds = ["labels", "segmentation", "volumes"]
+        temporary = {kind: group.path(names[kind]) for kind in ("labels", "segmentation", "volumes")}
+        sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt16), str(temporary["labels"]), useCompression=True)
+        write_seg_nrrd(temporary["segmentation"], labels, tree)
+        write_volumes_csv(temporary["volumes"], volumes, tree)
         if result.uncertainty is not None:
+            temporary["uncertainty"] = group.path(names["uncertainty"])
             unc = sitk.Cast(result.uncertainty, sitk.sitkFloat32)
-            sitk.WriteImage(unc, str(group.path(names["uncertainty"])), useCompression=True)
-            kinds.append("uncertainty")
-        written = {k: outdir / names[k] for k in kinds}
-    return written
+            sitk.WriteImage(unc, str(temporary["uncertainty"]), useCompression=True)
+        if identity is not None:
+            from msdseg.outputs.provenance import document, provenance_name
+
+            doc = document(identity, temporary, names, input_path if input_path is not None else "")
+            group.path(provenance_name(stem)).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return {kind: outdir / names[kind] for kind in temporary}
 
 
 # ----------------------------------------------------------------------------- resume checks
