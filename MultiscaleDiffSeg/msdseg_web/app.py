@@ -31,7 +31,7 @@ from trame_slicer.rca_view import register_rca_factories
 
 from MultiscaleDiffSegLib import mrml
 from msdseg.core.errors import InputError
-from msdseg.core.settings import SegmentSettings
+from msdseg.core.settings import DEFAULT_PRESET, SegmentSettings
 from msdseg.core.io import case_stem, load_volume
 from msdseg.core.labels import load_tree
 from msdseg.outputs.writers import write_seg_nrrd
@@ -131,7 +131,7 @@ class MsdsegWebApp(TrameApp):
         s.msd_input_name = ""
         s.msd_input_summary = ""
         s.msd_stem = "segmentation"
-        s.msd_preset = "fast"
+        s.msd_preset = DEFAULT_PRESET  # the same default as msdseg segment and the Slicer module
         s.msd_uncertainty = True
         s.msd_running = False
         s.msd_progress = 0

@@ -22,7 +22,7 @@ from trame.widgets.vuetify3 import (
 )
 
 from msdseg.core.labels import LabelTree
-from msdseg.core.settings import PRESETS as PRESET_TABLE, preset_label
+from msdseg.core.settings import DEFAULT_PRESET, PRESETS as PRESET_TABLE, preset_label
 
 from .widgets import DownloadButton, UploadField
 
@@ -60,7 +60,7 @@ class SegmentationPanel(VCard):
 
     @staticmethod
     def _run(app) -> None:
-        VSelect(v_model=("msd_preset", "fast"), items=("msd_presets", PRESETS), label="Preset",
+        VSelect(v_model=("msd_preset", DEFAULT_PRESET), items=("msd_presets", PRESETS), label="Preset",
                 density="compact", hide_details=True, disabled=("msd_running",))
         VCheckbox(v_model=("msd_uncertainty", True), label="Uncertainty map", density="compact",
                   hide_details=True, disabled=("msd_running",))

@@ -1048,3 +1048,43 @@ def test_widget_apply_progress_results_groups_and_cancel(gui_module, scene, volu
     assert gui_module.records["errors"] and "too small for a brain" in gui_module.records["errors"][-1]
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
     widget.cleanup()
+
+
+# ----------------------------------------------------------------------------- self-test installs nothing
+MISSING_TORCH = {"torch": None}
+
+
+@pytest.mark.integration
+@needs_slicer
+def test_self_test_skips_the_sample_instead_of_installing(module, scene, monkeypatch):
+    """On a build machine without PyTorch the self-test says what is missing and installs nothing."""
+    from MultiscaleDiffSegLib import dependencies as deps
+
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.delenv(module.SELFTEST_INSTALL_ENV, raising=False)
+    monkeypatch.setattr(deps, "probe_environment", lambda: deps.Environment(versions=MISSING_TORCH))
+    shown = []
+    test = module.MultiscaleDiffSegTest("test_SampleFastPreset")
+    monkeypatch.setattr(test, "delayDisplay", lambda text, msec=0: shown.append(text))
+    test.setUp()
+    test.test_SampleFastPreset()
+    assert shown and "Sample test skipped: torch is not installed" in shown[-1]
+    assert module.SELFTEST_INSTALL_ENV in shown[-1]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+@pytest.mark.integration
+@needs_slicer
+def test_testing_mode_declines_the_install_unless_allowed(gui_module, monkeypatch):
+    """Slicer in testing mode (ctest on a build machine) never pip-installs by itself."""
+    from MultiscaleDiffSegLib import dependencies as deps
+
+    installs = []
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: True, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args: installs.append(args), raising=False)
+    monkeypatch.setattr(deps, "probe_environment", lambda: deps.Environment(versions=MISSING_TORCH))
+    monkeypatch.delenv(gui_module.SELFTEST_INSTALL_ENV, raising=False)
+    logic = gui_module.MultiscaleDiffSegLogic()
+    with pytest.raises(RuntimeError, match="declined"):
+        logic.ensureDependencies(askConfirmation=False)
+    assert installs == []

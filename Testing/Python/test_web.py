@@ -431,7 +431,7 @@ def test_browser_segment_paint_undo_save_reopen(web_server, browser, downloads, 
              "the page to show the new case", server)
     page.screenshot("open")
 
-    # --- run and cancel, then run to the end (fast preset, progress shown)
+    # --- run and cancel, then run to the end (the default preset, progress shown)
     page.click(".msd-run")
     wait_for(lambda: server.state()["jobs_started"] == 1, 30, "the job to start", server)
     page.click(".msd-cancel")
