@@ -85,7 +85,8 @@ def test_missing_file_and_bad_option():
 def test_segment_output_contract_on_oblique_input(tmp_path, untrained_model):
     d = rotation(0.2, -0.1, 0.3) @ np.diag([-1, 1, 1])
     img = make_image((56, 64, 44), (3.0, 2.5, 3.5), d, (4.0, -6.0, 10.0), phantom_fn)
-    src = write(sitk.Cast(img * 10, sitk.sitkInt16), tmp_path / "sub-01_T1w.nii.gz")
+    noise = sitk.AdditiveGaussianNoise(img * 10, standardDeviation=20.0, seed=1)  # stored as a scanner would
+    src = write(sitk.Cast(noise, sitk.sitkInt16), tmp_path / "sub-01_T1w.nii.gz")
     out = tmp_path / "out"
     res = run_cli("segment", str(src), "-o", str(out), "--preset", "fast", "--uncertainty", "--progress", "json",
                   "--model", untrained_model)

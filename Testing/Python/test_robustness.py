@@ -13,6 +13,7 @@ def _head() -> sitk.Image:
     shape = (40, 48, 36)  # z, y, x for GetImageFromArray
     z, y, x = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
     arr = 100.0 * ((x / 14) ** 2 + (y / 18) ** 2 + (z / 15) ** 2 < 1) + 50.0 * (x > 4)
+    arr += 20.0 * np.exp(-(x ** 2 + y ** 2 + z ** 2) / 300.0)  # shading: stored as integers it has many grey levels
     img = sitk.GetImageFromArray(arr.astype(np.float32))
     img.SetSpacing((2.0, 2.0, 2.0))  # a 72 x 96 x 80 mm field of view passes the input checks
     img.SetOrigin((-20.0, 10.0, 5.0))

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from msdseg.core.errors import InputError
+from msdseg.core.limits import check_limits
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 MIN_SPACING_MM = 0.05
@@ -43,6 +44,9 @@ def read_image(path: str | os.PathLike, *, validate: bool = True) -> sitk.Image:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty")
     try:
+        if validate:  # from the header alone: a tiny file may describe a huge volume
+            size, spacing = _header_geometry(p)
+            check_limits(size, spacing, str(p))
         if p.name.lower().endswith((".mgz", ".mgh")):
             image = _read_mgz(p)
         else:
@@ -56,6 +60,19 @@ def read_image(path: str | os.PathLike, *, validate: bool = True) -> sitk.Image:
             _check_nifti_finite(p)
         validate_image(image, str(p))
     return image
+
+
+def _header_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Size and spacing from the file's header, without reading its voxels."""
+    if path.name.lower().endswith((".mgz", ".mgh")):
+        import nibabel as nib
+
+        header = nib.load(str(path)).header
+        return tuple(int(n) for n in header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(reader.GetSize()), tuple(reader.GetSpacing())
 
 
 def _check_nifti_finite(path: Path) -> None:
@@ -90,6 +107,7 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
     if not all(np.isfinite(spacing)) or min(spacing) < MIN_SPACING_MM or max(spacing) > MAX_SPACING_MM:
         raise InputError(f"{name}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm "
                          f"(expected {MIN_SPACING_MM}-{MAX_SPACING_MM} mm)")
+    check_limits(size, spacing, name)
     extent = [sz * sp for sz, sp in zip(size, spacing)]
     if max(extent) < 60.0:
         raise InputError(f"{name}: field of view {tuple(round(e) for e in extent)} mm is too small for a brain")
@@ -113,7 +131,30 @@ def squeeze_to_3d(image: sitk.Image) -> sitk.Image:
 def load_volume(path: str | os.PathLike) -> sitk.Image:
     """Read + validate + squeeze, as float32: the one call front ends use for a T1 input."""
     image = squeeze_to_3d(read_image(path))
+    check_not_label_map(image, str(path))
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+#: An integer image with at most this many distinct values is a label map or a mask, not a T1
+#: (an 8-bit T1 uses most of its 256 grey levels; FreeSurfer's aseg has about 40 labels).
+MAX_LABEL_MAP_VALUES = 64
+
+
+def check_not_label_map(image: sitk.Image, name: str) -> None:
+    """Refuse a segmentation or mask given where a T1 image belongs, instead of segmenting it."""
+    if image.GetPixelID() not in _INTEGER_PIXELS:
+        return
+    arr = sitk.GetArrayViewFromImage(image)
+    if len(np.unique(arr.ravel()[::97])) > MAX_LABEL_MAP_VALUES:  # a cheap look settles most T1s
+        return
+    distinct = len(np.unique(arr))
+    if distinct <= MAX_LABEL_MAP_VALUES:
+        raise InputError(f"{name}: looks like a label map or mask ({distinct} distinct integer values), "
+                         "not a T1-weighted image")
+
+
+_INTEGER_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
+                   sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64}
 
 
 def _read_mgz(path: Path) -> sitk.Image:

@@ -39,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from msdseg.core.atomic import OutputGroup
+from msdseg.core.errors import InputError
 from msdseg.core.labels import LabelTree, load_tree
 from msdseg.core.volumes import aggregate_volumes, laterality_name, voxel_volume_ml
 
@@ -123,7 +124,6 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
 def read_label_pair(pred: str | os.PathLike, ref: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predicted and reference label maps (RAS voxel order, int64) and the RAS affine of their one
     grid, for diagnostics that compare voxel by voxel; an ``InputError`` if the grids differ."""
-    from msdseg.core.errors import InputError
     from msdseg.core.geometry import to_ras_array
     from msdseg.core.io import ras_affine
 
@@ -139,25 +139,38 @@ def _resample(image: sitk.Image, reference: sitk.Image, nearest: bool) -> sitk.I
     return sitk.Resample(image, reference, sitk.Transform(), interp, 0.0, image.GetPixelID())
 
 
-def _lut(mapping: Mapping[int, int], max_value: int) -> np.ndarray:
-    lut = np.zeros(max_value + 1, dtype=np.int32)
-    for src, dst in mapping.items():
-        if 0 <= int(src) <= max_value:
-            lut[int(src)] = int(dst)
-    return lut
+#: Largest label number of FreeSurfer's colour table (FreeSurferColorLUT.txt): a reference number
+#: above it, or below 0, is not a label of any FreeSurfer-style map but corrupt or foreign data.
+MAX_FREESURFER_LABEL = 14175
 
 
-def to_tree_labels(arr: np.ndarray, tree: LabelTree, label_map: Mapping[int, int] | None = None) -> np.ndarray:
-    """Aseg numbers of the tree (int32); other numbers -> 0.  ``label_map`` maps foreign -> aseg first."""
+def to_tree_labels(arr: np.ndarray, tree: LabelTree, label_map: Mapping[int, int] | None = None,
+                   name: str = "labels") -> np.ndarray:
+    """Aseg numbers of the tree (int32); FreeSurfer numbers the tree lacks (vessels, choroid plexus,
+    white-matter hypointensities) -> 0.  ``label_map`` maps foreign -> aseg first.
+
+    Numbers outside FreeSurfer's label range are an :class:`InputError`, not background: they mean
+    the file is not a label map of this kind.  The mapping works on the distinct values present,
+    so memory never depends on how large a number is.
+    """
     arr = np.asarray(arr)
-    if arr.size and int(arr.min()) < 0:
-        arr = np.where(arr < 0, 0, arr)
-    top = int(arr.max()) if arr.size else 0
+    if not arr.size:
+        return np.zeros(arr.shape, np.int32)
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise InputError(f"{name}: label values must be whole numbers (found fractions)")
+    values, inverse = np.unique(arr, return_inverse=True)
+    values = values.astype(np.int64)
+    mapped_keys = set() if label_map is None else {int(k) for k in label_map}
+    bad = [int(v) for v in values if (v < 0 or v > MAX_FREESURFER_LABEL) and int(v) not in mapped_keys]
+    if bad:
+        raise InputError(f"{name}: label {bad[0]} is outside FreeSurfer's label numbers (0-{MAX_FREESURFER_LABEL})"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; give --ref-labels for another numbering")
     if label_map is None:
         label_map = {int(a): int(a) for a in tree.channel_to_aseg[1:]}
     known = {int(a) for a in tree.channel_to_aseg[1:]}
-    lut = _lut({s: d for s, d in label_map.items() if int(d) in known}, top)
-    return lut[arr.astype(np.int64, copy=False)]
+    table = np.array([int(label_map[int(v)]) if int(v) in label_map and int(label_map[int(v)]) in known else 0
+                      for v in values], dtype=np.int32)
+    return table[inverse].reshape(arr.shape)
 
 
 def defined_leaves(tree: LabelTree, label_map: Mapping[int, int] | None) -> set[str]:
@@ -474,10 +487,10 @@ def evaluate(
         if conf_img is not None:
             conf_img = _resample(conf_img, ref_img, nearest=False)
     pred_raw = sitk.GetArrayFromImage(pred_img)
-    pred_arr = to_tree_labels(pred_raw, tree)
+    pred_arr = to_tree_labels(pred_raw, tree, name="prediction")
     if np.count_nonzero(pred_arr) != np.count_nonzero(pred_raw):
         notes.append("prediction contains numbers that are not leaves of the tree; counted as background")
-    ref_arr = to_tree_labels(sitk.GetArrayFromImage(ref_img), tree, ref_label_map)
+    ref_arr = to_tree_labels(sitk.GetArrayFromImage(ref_img), tree, ref_label_map, name="reference")
     leaves_defined = defined_leaves(tree, ref_label_map)
     defined = tree.defined_nodes(tree.leaf_channel[n] for n in leaves_defined)
     if ref_label_map is not None:

@@ -26,7 +26,7 @@ import torch
 
 from msdseg.core.errors import Cancelled, InputError
 from msdseg.core.geometry import finer_output_grid, head_grid
-from msdseg.core.io import squeeze_to_3d, validate_image
+from msdseg.core.io import check_not_label_map, squeeze_to_3d, validate_image
 from msdseg.core.labels import LabelTree, load_tree
 from msdseg.core.settings import SegmentSettings
 from msdseg.core.volumes import structure_volumes
@@ -80,6 +80,7 @@ def segment_image(
     plan = settings.resolved()
     image = squeeze_to_3d(image)
     validate_image(image, "input")
+    check_not_label_map(image, "input")
     device = resolve_device(settings.device)
     loaded = get_model(settings.model, device)
     model = loaded.model
