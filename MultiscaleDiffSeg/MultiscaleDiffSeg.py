@@ -255,7 +255,7 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         import MultiscaleDiffSegLib
 
         if self.logic:
-            self.logic.cancel()
+            self.logic.cancel(wait=True)
         mrml.detach_group_visibility_sync()
         for name in ("settings", "process", "dependencies", "mrml", "jobs"):
             importlib.reload(importlib.import_module(f"MultiscaleDiffSegLib.{name}"))
@@ -265,7 +265,7 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self) -> None:
         """Module widget destroyed (application exit): stop a running worker, drop observers."""
         if self.logic:
-            self.logic.cancel()
+            self.logic.cancel(wait=True)
             self.logic.stopDeviceProbe()
         mrml.detach_group_visibility_sync()
         self.removeObservers()
@@ -384,9 +384,9 @@ class MultiscaleDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._checkCanApply()
 
     def onCancel(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to cancel the segmentation."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to cancel the segmentation.")):
             self.ui.statusLabel.text = _("Cancelling...")
-            self.logic.cancel()
+            self.logic.cancel()  # returns at once: the GUI stays responsive while the worker stops
 
     def onProgress(self, fraction: float, message: str) -> None:
         self.ui.progressBar.value = int(round(1000 * fraction))
@@ -555,10 +555,13 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self.job is not None and self.job.running
 
-    def cancel(self) -> None:
-        """Stop the running job; its worker and all the worker's children are killed."""
+    def cancel(self, wait: bool = False) -> None:
+        """Stop the running job; its worker and all the worker's children are killed.
+
+        Returns at once (the poll timer completes the stop) unless ``wait``, which returns only
+        when the worker is gone (for application exit and reload, after which nothing polls)."""
         if self.job is not None:
-            self.job.cancel()
+            self.job.cancel(wait=wait)
 
     def _run(self, job, blocking: bool):
         """Start a job and either wait for it (blocking) or poll it from a Qt timer."""
@@ -759,7 +762,7 @@ class MultiscaleDiffSegLogic(ScriptedLoadableModuleLogic):
 
     def stopDeviceProbe(self) -> None:
         if self._probeProcess is not None and self._probeProcess.running:
-            self._probeProcess.cancel()
+            self._probeProcess.cancel(wait=True)  # called on exit: nothing polls afterwards
 
 
 #

@@ -95,10 +95,11 @@ class _PollingJob:
         assert self.result is not None
         return self.result
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = False) -> None:
+        """Ask the worker to stop; without ``wait`` this returns at once and :meth:`poll` finishes it."""
         if self.process is not None and self.result is None:
             self._log("Cancelling: stopping the worker process and its children...")
-            self.process.cancel()
+            self.process.cancel(wait=wait)
 
     def _log(self, text: str) -> None:
         if self.on_log:

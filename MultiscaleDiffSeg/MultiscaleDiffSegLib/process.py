@@ -113,6 +113,8 @@ class BackgroundProcess:
         self._readers: list[threading.Thread] = []
         self._stderr_tail: list[str] = []
         self._cancelled = False
+        self._kill_at: float | None = None  # monotonic time after which a cancelled group is killed
+        self._killed = False
         self._start_time = 0.0
 
     # ------------------------------------------------------------------ state
@@ -180,6 +182,7 @@ class BackgroundProcess:
         """Deliver queued output to the callbacks without blocking; True while still running."""
         if self.outcome is not None or self._proc is None:
             return False
+        self._escalate()
         while True:
             try:
                 name, line = self._lines.get_nowait()
@@ -232,12 +235,17 @@ class BackgroundProcess:
         return self.outcome
 
     # ------------------------------------------------------------------ cancel
-    def cancel(self, grace_seconds: float = 3.0) -> None:
+    def cancel(self, grace_seconds: float = 3.0, wait: bool = False) -> None:
         """Stop the worker and everything it started.
 
         POSIX: SIGTERM to the process group (the core removes its temporary files), SIGKILL to the
-        group after ``grace_seconds``.  Windows: ``taskkill /T /F`` on the process tree.  Only the
-        worker's own group is signalled, never processes by name.
+        group once ``grace_seconds`` have passed.  Windows: ``taskkill /T /F`` on the process tree.
+        Only the worker's own group is signalled, never processes by name.
+
+        Why not blocking by default: the GUI calls this on its own thread, and waiting out the grace
+        period there froze Slicer for seconds.  The escalation happens in :meth:`poll`, which the
+        GUI's timer (or :meth:`wait`) keeps calling; ``wait=True`` is for paths after which nothing
+        polls again (application exit, reload), where the worker must be gone on return.
         """
         if self._proc is None or self.outcome is not None:
             return
@@ -245,18 +253,27 @@ class BackgroundProcess:
         if os.name == "nt":
             _kill_tree_windows(self._proc)
             return
-        pgid = self._proc.pid  # start_new_session: the worker leads its own group
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None and not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        _signal_group(pgid, signal.SIGKILL)
-        try:
-            self._proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
+        if self._kill_at is None:
+            _signal_group(self._proc.pid, signal.SIGTERM)  # start_new_session: the worker leads its group
+            self._kill_at = time.monotonic() + grace_seconds
+        if wait:
+            while time.monotonic() < self._kill_at:
+                if self._proc.poll() is not None and not _group_alive(self._proc.pid):
+                    break
+                time.sleep(0.05)
+            self._escalate(force=True)
+            try:
+                self._proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _escalate(self, force: bool = False) -> None:
+        """SIGKILL the group once the grace period of a cancel is over and anything of it is alive."""
+        if self._kill_at is None or self._killed or os.name == "nt":
+            return
+        if (force or time.monotonic() >= self._kill_at) and _group_alive(self._proc.pid):
+            _signal_group(self._proc.pid, signal.SIGKILL)
+            self._killed = True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -180,6 +180,46 @@ def test_cancel_kills_the_worker_its_child_and_its_grandchild(fake_worker):
     assert not any(pid_alive(p) for p in pids), [p for p in pids if pid_alive(p)]
 
 
+STUBBORN_WORKER = (
+    "import json, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker busy in native code does not stop at once\n"
+    "print(json.dumps({'progress': 0.1, 'message': 'busy'}), flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.mark.integration
+@POSIX_ONLY
+def test_cancel_returns_at_once_and_polling_finishes_the_stop():
+    """Cancel from the GUI thread never waits out the grace period (it froze Slicer for seconds):
+    it returns at once, and the poll timer kills a worker that ignores SIGTERM."""
+    proc = BackgroundProcess([sys.executable, "-c", STUBBORN_WORKER]).start()
+    deadline = time.monotonic() + 60
+    while proc.progress == 0.0 and time.monotonic() < deadline:
+        proc.poll()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.cancel(grace_seconds=1.0)
+    assert time.monotonic() - t0 < 0.2
+    assert proc.poll()  # still running: SIGTERM is ignored, the grace period is not over
+    outcome = proc.wait(timeout=30)
+    assert outcome is not None and outcome.cancelled
+    assert 1.0 <= time.monotonic() - t0 < 10.0
+
+
+@pytest.mark.integration
+@POSIX_ONLY
+def test_cancel_with_wait_returns_only_when_the_worker_is_gone():
+    proc = BackgroundProcess([sys.executable, "-c", STUBBORN_WORKER]).start()
+    deadline = time.monotonic() + 60
+    while proc.progress == 0.0 and time.monotonic() < deadline:
+        proc.poll()
+        time.sleep(0.05)
+    pid = proc.pid
+    proc.cancel(grace_seconds=0.5, wait=True)
+    assert not pid_alive(pid)
+
+
 @pytest.mark.integration
 def test_failure_reports_the_workers_last_error_line(fake_worker):
     outcome = run_blocking([sys.executable, str(fake_worker), "fail"], timeout=60)
