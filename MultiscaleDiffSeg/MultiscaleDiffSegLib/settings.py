@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from msdseg.core.settings import DEFAULT_PRESET, PRESETS, SegmentSettings, preset_label
+from msdseg.core.settings import DEFAULT_PRESET, PRESETS, SegmentSettings, option_name, preset_label
 
 
 class Preset(enum.Enum):
@@ -70,8 +70,8 @@ def settings_from_widgets(
     any other :class:`~msdseg.core.settings.SegmentSettings` field.  Validated: a bad value raises
     :class:`ValueError` naming it."""
     return SegmentSettings(
-        preset=_enum_value(preset),
-        device=_enum_value(device),
+        preset=preset,
+        device=device,
         steps=None if steps is None or steps <= STEPS_PRESET_DEFAULT else int(steps),
         samples=None if samples is None or samples <= SAMPLES_PRESET_DEFAULT else int(samples),
         uncertainty=bool(uncertainty),
@@ -79,10 +79,6 @@ def settings_from_widgets(
         model=str(model) if model else None,
         **more,
     ).validate()
-
-
-def _enum_value(value: Any) -> str:
-    return str(value.value if isinstance(value, enum.Enum) else value).lower()
 
 
 # --------------------------------------------------------------------------- worker command
@@ -177,7 +173,7 @@ def resolve_device(requested: str, probe: Mapping[str, Any] | None) -> DeviceCho
     while it is unknown.  Probing in the worker keeps torch (and its GPU libraries) out of Slicer's
     own process.
     """
-    requested = _enum_value(requested)
+    requested = option_name(requested)
     if probe is None:
         return DeviceChoice(requested if requested != "auto" else "unknown", "detecting the device...", True)
     cuda, mps = bool(probe.get("cuda")), bool(probe.get("mps"))

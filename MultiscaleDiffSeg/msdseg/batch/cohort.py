@@ -226,12 +226,13 @@ def _already_done(case: Case, outdir: Path, settings: Any, cohort: bool) -> bool
     """Skip before any worker starts: the outputs were made from this input, settings and model
     and are unchanged (:mod:`msdseg.outputs.provenance`), and in a cohort the sidecar is valid."""
     from msdseg.batch.workers import assess_case
+    from msdseg.outputs.sidecar import sidecar_valid
 
     try:
         current = assess_case(case, outdir, settings).state == "current"
     except OSError:
         return False  # the worker reports the unreadable input
-    return current and case_complete(outdir, case.stem, settings.uncertainty, cohort)
+    return current and (not cohort or sidecar_valid(outdir, case.stem))
 
 
 # ----------------------------------------------------------------------------- signals

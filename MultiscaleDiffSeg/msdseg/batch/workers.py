@@ -165,10 +165,7 @@ def assess_case(case: Case, outdir: Path, settings: Any) -> "Assessment":
     from msdseg.outputs.writers import output_names
 
     expected = ["labels", "segmentation", "volumes"] + (["uncertainty"] if settings.uncertainty else [])
-    identity = RunIdentity.of(case.path, settings)
-    found = assess(outdir, case.stem, output_names(case.stem), identity, expected)
-    found.identity = identity
-    return found
+    return assess(outdir, case.stem, output_names(case.stem), RunIdentity.of(case.path, settings), expected)
 
 
 def _segment_and_write(case: Case, outdir: Path, settings: Any, cohort: bool, report: ProgressFn,

@@ -98,9 +98,9 @@ class SegmentSettings:
 
     def __post_init__(self) -> None:
         # front ends hand over enums (the Slicer parameter node) or strings: store the names
-        self.preset = _name(self.preset)
-        self.device = _name(self.device)
-        self.precision = _name(self.precision)
+        self.preset = option_name(self.preset)
+        self.device = option_name(self.device)
+        self.precision = option_name(self.precision)
 
     def validate(self) -> "SegmentSettings":
         """Raise :class:`InputError` naming the first bad option; return self."""
@@ -218,5 +218,6 @@ def add_intensity_argument(parser: argparse.ArgumentParser) -> None:
                              "own intensities")
 
 
-def _name(value: Any) -> str:
+def option_name(value: Any) -> str:
+    """The option name of an enum member or a string, lower case (``Preset.fast`` -> ``'fast'``)."""
     return str(value.value if isinstance(value, enum.Enum) else value).lower()

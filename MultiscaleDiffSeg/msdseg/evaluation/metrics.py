@@ -150,16 +150,22 @@ def to_tree_labels(arr: np.ndarray, tree: LabelTree, label_map: Mapping[int, int
     white-matter hypointensities) -> 0.  ``label_map`` maps foreign -> aseg first.
 
     Numbers outside FreeSurfer's label range are an :class:`InputError`, not background: they mean
-    the file is not a label map of this kind.  The mapping works on the distinct values present,
-    so memory never depends on how large a number is.
+    the file is not a label map of this kind.  Within that range a lookup table (at most
+    ``MAX_FREESURFER_LABEL + 1`` entries) maps the voxels; outside it (a foreign numbering given in
+    ``label_map``) the distinct values present are mapped, so memory never depends on how large a
+    number is.
     """
     arr = np.asarray(arr)
     if not arr.size:
         return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
         raise InputError(f"{name}: label values must be whole numbers (found fractions)")
-    values, inverse = np.unique(arr, return_inverse=True)
-    values = values.astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if 0 <= lo and hi <= MAX_FREESURFER_LABEL:
+        values, index = np.arange(hi + 1), arr.astype(np.int64, copy=False)
+    else:
+        values, index = np.unique(arr, return_inverse=True)
+        values = values.astype(np.int64)
     mapped_keys = set() if label_map is None else {int(k) for k in label_map}
     bad = [int(v) for v in values if (v < 0 or v > MAX_FREESURFER_LABEL) and int(v) not in mapped_keys]
     if bad:
@@ -170,7 +176,7 @@ def to_tree_labels(arr: np.ndarray, tree: LabelTree, label_map: Mapping[int, int
     known = {int(a) for a in tree.channel_to_aseg[1:]}
     table = np.array([int(label_map[int(v)]) if int(v) in label_map and int(label_map[int(v)]) in known else 0
                       for v in values], dtype=np.int32)
-    return table[inverse].reshape(arr.shape)
+    return table[index].reshape(arr.shape)
 
 
 def defined_leaves(tree: LabelTree, label_map: Mapping[int, int] | None) -> set[str]:

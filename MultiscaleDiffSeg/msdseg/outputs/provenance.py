@@ -72,7 +72,7 @@ class RunIdentity:
 
     @classmethod
     def of(cls, input_path: str | os.PathLike, settings: Any) -> "RunIdentity":
-        values = asdict(settings) if hasattr(settings, "__dataclass_fields__") else dict(vars(settings))
+        values = asdict(settings)
         shaping = {k: v for k, v in sorted(values.items()) if k not in NOT_IN_IDENTITY}
         return cls(sha256_file(input_path), json.loads(json.dumps(shaping, default=str)),
                    model_sha256(values.get("model")))
@@ -104,29 +104,28 @@ def assess(outdir: str | os.PathLike, stem: str, names: Mapping[str, str], ident
     outdir = Path(outdir)
     existing = {k: names[k] for k in KINDS if (outdir / names[k]).is_file()}
     if not existing:
-        return Assessment("new")
+        return Assessment("new", identity=identity)
     doc = read_provenance(outdir, stem) or {}
     recorded = doc.get("outputs") or {}
-    foreign, ours = [], {}
+    foreign, ours, why = [], {}, []
     for kind, name in existing.items():
         entry = recorded.get(kind) or {}
         if entry.get("name") == name and entry.get("sha256") == sha256_file(outdir / name):
             ours[kind] = name
         else:
             foreign.append(name)
+            why.append(f"{name} is {'changed since msdseg wrote it' if entry else 'not written by msdseg'}")
     if foreign:
-        why = "not written by msdseg" if not doc else "changed since msdseg wrote it" if len(foreign) == 1 \
-            else "not written by msdseg or changed since"
-        return Assessment("foreign", f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} {why}", foreign, ours)
+        return Assessment("foreign", "; ".join(why), foreign, ours, identity)
     if doc.get("run") != identity.as_json():
         changed = [k for k in ("input_sha256", "model_sha256") if (doc.get("run") or {}).get(k) != getattr(identity, k)]
         what = {"input_sha256": "another input", "model_sha256": "another model"}
         reason = ", ".join(what[k] for k in changed) or "other settings"
-        return Assessment("stale", f"outputs were made from {reason}", [], ours)
+        return Assessment("stale", f"outputs were made from {reason}", [], ours, identity)
     missing = [names[k] for k in expected if k not in ours]
     if missing:
-        return Assessment("stale", f"{', '.join(missing)} missing", [], ours)
-    return Assessment("current", "outputs already complete", [], ours)
+        return Assessment("stale", f"{', '.join(missing)} missing", [], ours, identity)
+    return Assessment("current", "outputs already complete", [], ours, identity)
 
 
 def document(identity: RunIdentity, files: Mapping[str, Path], names: Mapping[str, str],
