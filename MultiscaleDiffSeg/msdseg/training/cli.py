@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", default=None, help="write the run's weights as a model file and exit")
     p.add_argument("--export-weights", choices=("auto", "ema", "raw"), default="auto",
                    help="which weights --export writes: the average (if the run has one) or the last step's")
-    p.add_argument("--sources", nargs="*", default=None, help="only maps of these sources")
+    p.add_argument("--sources", nargs="*", default=None,
+                   help="only maps of these sources (atlas draws: samseg_priors, gca_priors)")
     p.add_argument("--modes", nargs="+", default=None, metavar="SPACING:CROP:WEIGHT",
                    help="step kinds and their shares, CROP 0 = whole field of view "
                         "(default 4:0:0.35 2:64:0.45 1:64:0.2)")
@@ -74,21 +75,26 @@ def load_sources(manifest_path: Path, only: list[str] | None = None):
         src = LabelSource.from_file(base / m["path"], set(m["defined"]), m.get("merged", []))
         src.name = f"{m['source']}/{m['name']}"
         out.append(src)
-    priors = _priors_file(doc, base)
-    if priors is not None:
-        from msdseg.training.priors import SOURCE_NAME, PriorMapSampler
+    for name, priors in _prior_files(doc, base):
+        if not only or name.split("/")[0] in only:
+            from msdseg.training.priors import PriorMapSampler
 
-        if not only or SOURCE_NAME.split("/")[0] in only:
-            out.append(PriorMapSampler(priors))
+            out.append(PriorMapSampler(priors, name=name))
     if not out:
         raise InputError(f"{manifest_path}: no training maps")
     return out, doc
 
 
-def _priors_file(doc: dict, base: Path) -> Path | None:
-    """SAMSEG priors written by prepare-data, if the manifest names them and they exist."""
-    rel = doc.get("extras", {}).get("samseg", {}).get("priors")
-    return base / rel if rel and (base / rel).exists() else None
+def _prior_files(doc: dict, base: Path) -> list[tuple[str, Path]]:
+    """(training-source name, path) of every atlas priors file the manifest names and that exists."""
+    from msdseg.training.priors import PRIOR_SOURCES
+
+    out = []
+    for source, name in PRIOR_SOURCES.items():
+        rel = doc.get("extras", {}).get(source, {}).get("priors")
+        if rel and (base / rel).exists():
+            out.append((name, base / rel))
+    return out
 
 
 def _widths(text: str | None) -> tuple[int, ...] | None:
@@ -116,10 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
         doc = json.loads(Path(args.data).read_text()) if Path(args.data).exists() else {}
         maps = [f"{m['source']}/{m['name']}" for m in doc.get("maps", []) if m.get("role") == "train"]
-        if _priors_file(doc, Path(args.data).parent) is not None:
-            from msdseg.training.priors import SOURCE_NAME
-
-            maps.append(SOURCE_NAME)
+        maps += [name for name, _ in _prior_files(doc, Path(args.data).parent)]
         meta = {"data": {"manifest": str(args.data), "wheels": doc.get("wheels", {}), "maps": maps},
                 "label_tree": {"name": tree.name, "version": tree.version}}
         print(export_checkpoint(args.out, args.export, meta, weights=args.export_weights))

@@ -26,6 +26,9 @@ from msdseg.training.synth import LabelSource
 _EPS = 1e-4
 #: Training-source name of the maps drawn here ("source/map", like the manifest's maps).
 SOURCE_NAME = "samseg_priors/sampled"
+#: Manifest source whose ``extras`` name a priors file -> training-source name of its draws.  Each
+#: atlas is its own source, so the generator's per-source balance gives each of them equal weight.
+PRIOR_SOURCES: dict[str, str] = {"samseg": SOURCE_NAME, "gca": "gca_priors/sampled"}
 
 
 @dataclass

@@ -4,7 +4,8 @@ Output values (uint16):
 
 * ``0`` background; the 32 leaf aseg numbers;
 * :data:`IGNORE` (255): the voxel is brain but its class is none of ours (vessels, optic chiasm,
-  non-WM hypointensities, 5th ventricle), so the loss must skip it rather than call it background;
+  non-WM hypointensities, 5th ventricle, FreeSurfer's "undetermined"), so the loss must skip it
+  rather than call it background;
 * ``GEN_ONLY_OFFSET + fs`` (>= 1000): non-brain head tissue (skull, scalp, eyes).  The image
   synthesiser paints it; the loss treats it as background.  Keeping it apart from 0 lets the
   synthesiser give air, bone and scalp different intensities.
@@ -34,7 +35,8 @@ LEFT_WM, RIGHT_WM = 2, 41
 
 #: FreeSurfer labels that are brain but not one of our classes.
 FS_IGNORE = {
-    30: "Left-vessel", 62: "Right-vessel", 72: "5th-Ventricle", 80: "non-WM-hypointensities",
+    29: "Left-undetermined", 61: "Right-undetermined", 30: "Left-vessel", 62: "Right-vessel",
+    72: "5th-Ventricle", 80: "non-WM-hypointensities",
     81: "Left-non-WM-hypointensities", 82: "Right-non-WM-hypointensities", 85: "Optic-Chiasm",
 }
 #: FreeSurfer labels folded into a lateralised neighbour.

