@@ -12,8 +12,9 @@ Design decisions (see docs/slicer_extension.md, "Results"):
   exported file) has the same 32 entries for every subject.
 * **Groups are subject-hierarchy folders, not nodes.**  Slicer has no segment groups, so the
   hemispheres are three folders ("Left hemisphere", "Right hemisphere", "Midline") inside the
-  result folder.  Each carries a folder display node; an observer maps the folder's eye icon to
-  the visibility of its segments, so hiding a hemisphere is one click in the Data module, and
+  result folder.  Each carries a folder display node that references the segmentation; the
+  scene watcher of :mod:`.visibility` maps the folder's eye icon to the visibility of its
+  segments, so hiding a hemisphere is one click in the Data module, and
   :func:`set_group_visibility` does the same from code.
 * **Re-running replaces, never duplicates**: result nodes carry the attribute
   ``MultiscaleDiffSeg.Role`` and a node reference to their input volume, and are reused in place
@@ -570,51 +571,6 @@ def group_folder_display_node(segmentation_node, group_id: str):
     return None
 
 
-# ----------------------------------------------------------------------------- folder eye icon -> segments
-#: folder display node ID -> [node, observer tag, visibility last propagated]
-_SYNC_OBSERVERS: dict[str, list] = {}
-
-
-def attach_group_visibility_sync(scene) -> int:
-    """Make each group folder's visibility (Data module eye icon) drive its segments' visibility.
-
-    Only a *change* of the folder's visibility is propagated, so hiding single segments by hand is
-    not undone by unrelated modifications of the folder.  Idempotent; call again after loading a
-    scene (observers are not saved).  Returns the number of group folders observed.
-    """
-    count = 0
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLFolderDisplayNode")):
-        display = scene.GetNthNodeByClass(index, "vtkMRMLFolderDisplayNode")
-        if display.GetAttribute(ROLE_ATTRIBUTE) != ROLE_GROUP:
-            continue
-        count += 1
-        observed = _SYNC_OBSERVERS.get(display.GetID())
-        if observed is not None and observed[0] is display:
-            continue
-        tag = display.AddObserver(vtk.vtkCommand.ModifiedEvent, _on_group_folder_modified)
-        _SYNC_OBSERVERS[display.GetID()] = [display, tag, bool(display.GetVisibility())]
-    return count
-
-
-def detach_group_visibility_sync() -> None:
-    """Remove all folder observers (module cleanup / reload)."""
-    for display, tag, _ in _SYNC_OBSERVERS.values():
-        display.RemoveObserver(tag)
-    _SYNC_OBSERVERS.clear()
-
-
-def _on_group_folder_modified(display, _event) -> None:
-    entry = _SYNC_OBSERVERS.get(display.GetID())
-    visible = bool(display.GetVisibility())
-    if entry is None or entry[2] == visible:
-        return
-    entry[2] = visible
-    segmentation_node = display.GetNodeReference(SEGMENTATION_REFERENCE_ROLE)
-    group_id = display.GetAttribute(GROUP_ATTRIBUTE)
-    if segmentation_node is not None and group_id:
-        set_group_visibility(segmentation_node, group_id, visible)
-
-
 # ----------------------------------------------------------------------------- the whole import
 def import_results(
     scene,
@@ -677,7 +633,6 @@ def import_results(
     _item_for(sh, table, folder)
     if uncertainty_node is not None:
         _item_for(sh, uncertainty_node, folder)
-    attach_group_visibility_sync(scene)
     return ResultNodes(segmentation, table, uncertainty_node, folder, groups)
 
 

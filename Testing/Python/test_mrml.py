@@ -3,7 +3,7 @@ segmentation node -> .seg.nrrd -> read back with slicerio and slicer-core.
 
 What must survive: segment names, colours, terminology (with laterality), label values, every voxel,
 the geometry of the input; plus subject hierarchy placement, re-run replacement, volume tables,
-group visibility and the uncertainty map.
+group visibility (the folders' eye icons: test_slicer_visibility.py) and the uncertainty map.
 """
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ def scene():
         logic.SetMRMLScene(sc)
     sc._test_logics = logics  # keep them alive as long as the scene
     yield sc
-    mrml.detach_group_visibility_sync()
     sc.Clear()
 
 
@@ -440,27 +439,6 @@ def test_set_group_visibility_hides_a_whole_hemisphere_in_one_call(scene, study_
     assert display.GetSegmentVisibility("right_cerebral_cortex")
     with pytest.raises(ValueError, match="unknown group"):
         mrml.set_group_visibility(seg, "frontal lobe", False)
-
-
-def test_folder_eye_icon_drives_segment_visibility(scene, study_volume, labels):
-    """What the Data module does when the eye of 'Midline' is clicked: folder display visibility."""
-    volume, _ = study_volume
-    nodes = mrml.import_results(scene, volume, labels)
-    seg = nodes.segmentation
-    display = seg.GetDisplayNode()
-    sh = mrml.subject_hierarchy(scene)
-    folder_display = sh.GetItemDataNode(nodes.group_items["midline"])
-    folder_display.SetVisibility(False)
-    assert not any(display.GetSegmentVisibility(n.id) for n in TREE.descendant_leaves("midline"))
-    assert display.GetSegmentVisibility("left_thalamus")
-    # hiding one segment by hand is not undone by an unrelated change of the folder
-    folder_display.SetVisibility(True)
-    display.SetSegmentVisibility("brainstem", False)
-    folder_display.SetName("renamed")
-    assert not display.GetSegmentVisibility("brainstem")
-    # after re-attaching (e.g. a reloaded scene) nothing is observed twice
-    assert mrml.attach_group_visibility_sync(scene) == 3
-    assert len(mrml._SYNC_OBSERVERS) == 3
 
 
 def test_show_3d_creates_closed_surfaces(scene, study_volume, labels):

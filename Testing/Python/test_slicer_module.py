@@ -1,9 +1,11 @@
-"""The Slicer module without the Slicer application: the worker process runner (progress streaming,
-cancel of the whole process tree), the dependency decisions, the settings, the .ui/parameter-node
-binding, the jobs (with a fake worker and with the real core CLI) and the console API.
+"""The Slicer module's Qt-free logic (MultiscaleDiffSegLib) without the Slicer application: the
+worker process runner (progress streaming, cancel of the whole process tree), the dependency
+decisions, the settings, the CMake lists, the jobs (with a fake worker and with the real core CLI),
+the console API and the self-test steps.
 
-The widget itself needs Qt and the Slicer application and is not tested here (see
-docs/research/developer_notes.md, "Slicer extension: what was checked how").
+The widget needs Qt and the Slicer application; its .ui binding is checked statically in
+test_slicer_ui.py, the logic's host and timer in test_slicer_logic.py, the eye icons in
+test_slicer_visibility.py.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import re
 import sys
 import textwrap
 import time
-import xml.etree.ElementTree as ET
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,8 @@ sys.path.insert(0, str(MODULE_DIR))
 from MultiscaleDiffSegLib import dependencies as deps  # noqa: E402
 from MultiscaleDiffSegLib import settings as st  # noqa: E402
 from MultiscaleDiffSegLib.process import BackgroundProcess, parse_progress, run_blocking  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="process-tree check reads /proc")
 
@@ -462,54 +466,7 @@ def test_probe_of_this_environment_reads_metadata():
     assert found.versions["numpy"] and found.importable["SimpleITK"]
 
 
-# ----------------------------------------------------------------------------- .ui, parameter node, CMake
-UI_FILE = MODULE_DIR / "Resources" / "UI" / "MultiscaleDiffSeg.ui"
-MODULE_FILE = MODULE_DIR / "MultiscaleDiffSeg.py"
-
-
-def ui_widgets() -> dict[str, ET.Element]:
-    root = ET.parse(UI_FILE).getroot()
-    return {w.get("name"): w for w in root.iter("widget")}
-
-
-@pytest.mark.integration
-@needs_slicer
-def test_ui_parameter_names_are_the_parameter_node_fields():
-    import MultiscaleDiffSeg as module
-
-    names = {}
-    for name, widget in ui_widgets().items():
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                names[prop.findtext("string")] = name
-    assert set(names) == set(module.MultiscaleDiffSegParameterNode.__annotations__)
-    classes = {n: ui_widgets()[w].get("class") for n, w in names.items()}
-    assert classes["inputVolume"] == classes["outputSegmentation"] == "qMRMLNodeComboBox"
-    assert classes["preset"] == classes["device"] == "QComboBox"  # enum connector needs exactly QComboBox
-    assert classes["steps"] == classes["samples"] == classes["seed"] == "QSpinBox"
-    assert classes["uncertainty"] == "QCheckBox"
-
-
-@pytest.mark.integration
-@needs_slicer
-def test_widget_code_uses_only_widgets_that_exist_in_the_ui():
-    import MultiscaleDiffSeg as module
-
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
-    used |= set(module.MultiscaleDiffSegWidget.GROUP_CHECKBOXES)
-    assert used <= set(ui_widgets()), used - set(ui_widgets())
-
-
-def test_spin_box_ranges_match_the_parameter_node_validators():
-    widgets = ui_widgets()
-
-    def number(widget, prop_name):
-        return int(next(p for p in widget.findall("property") if p.get("name") == prop_name).findtext("number"))
-
-    assert number(widgets["stepsSpinBox"], "minimum") == st.STEPS_PRESET_DEFAULT
-    assert number(widgets["samplesSpinBox"], "minimum") == st.SAMPLES_PRESET_DEFAULT
-
-
+# ----------------------------------------------------------------------------- CMake, icon, catalog
 def test_module_cmake_lists_every_module_python_file_and_globs_the_core():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     listed = set(re.findall(r"\$\{MODULE_NAME\}Lib/(\w+\.py)", text))
@@ -596,8 +553,9 @@ def test_catalog_entry_follows_the_extensions_index_schema():
 
 # ----------------------------------------------------------------------------- MRML jobs
 if HAVE_SLICER:
-    from MultiscaleDiffSegLib import mrml
+    from MultiscaleDiffSegLib import mrml, selftest, visibility
     from MultiscaleDiffSegLib.jobs import SegmentationJob, WorkerConfig, cohort_progress
+    from MultiscaleDiffSegLib.logic import Host, MultiscaleDiffSegLogic
 
 
 @pytest.fixture
@@ -608,7 +566,7 @@ def scene():
         logic.SetMRMLScene(sc)
     sc._test_logics = logics
     yield sc
-    mrml.detach_group_visibility_sync()
+    visibility.unwatch_scene(sc)
     sc.Clear()
 
 
@@ -702,66 +660,52 @@ def test_cohort_progress_is_spread_over_the_cases():
     assert cohort_progress(0.5, "single case") == (0.5, "single case")
 
 
-# ----------------------------------------------------------------------------- module file, console API, real core
-@pytest.fixture(scope="module")
-def module():
-    import MultiscaleDiffSeg as module
-
-    return module
-
-
+# ----------------------------------------------------------------------------- console API, self-test, real core
 @pytest.mark.integration
 @needs_slicer
-def test_module_imports_without_the_application_and_exposes_the_console_api(module):
-    assert not module.HAVE_APPLICATION  # plain Python with slicer-core: the guarded Qt imports failed
-    params = inspect.signature(module.MultiscaleDiffSegLogic.segment).parameters
+def test_the_logic_exposes_the_console_api():
+    params = inspect.signature(MultiscaleDiffSegLogic.segment).parameters
     for name in ("volumeNode", "preset", "callback", "blocking"):
         assert name in params
     assert params["blocking"].default is True
-    params = inspect.signature(module.MultiscaleDiffSegLogic.segmentFiles).parameters
+    params = inspect.signature(MultiscaleDiffSegLogic.segmentFiles).parameters
     for name in ("paths", "outputDir", "preset", "overwrite", "loadResults", "blocking"):
         assert name in params
-    assert "group" in inspect.signature(module.MultiscaleDiffSegLogic.set_group_visibility).parameters
+    assert "group" in inspect.signature(MultiscaleDiffSegLogic.set_group_visibility).parameters
 
 
 @pytest.mark.integration
 @needs_slicer
-def test_module_self_test_of_the_mrml_import_runs_headless(module, scene, monkeypatch):
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    test = module.MultiscaleDiffSegTest("test_ResultsToMRML")
-    test.setUp()
-    test.test_ResultsToMRML()
+def test_self_test_step_of_the_mrml_import_runs_on_slicer_core(scene):
+    selftest.results_to_mrml(unittest.TestCase(), scene, lambda text: None)
 
 
 @pytest.mark.integration
 @needs_slicer
-def test_sample_t1_is_checked_when_shipped(module):
-    path = module.sampleT1Path()
+def test_sample_t1_is_checked_when_shipped():
+    path = selftest.sample_t1_path()
     if path is None:
-        pytest.skip(f"sample T1 {module.SAMPLE_T1_FILE} not shipped yet")
-    assert module.SAMPLE_T1_SHA256, "pin the sample's SHA256 in MultiscaleDiffSeg.py"
-    assert module.sha256(path) == module.SAMPLE_T1_SHA256
+        pytest.skip(f"sample T1 {selftest.SAMPLE_T1_FILE} not shipped yet")
+    assert selftest.sha256(path) == selftest.SAMPLE_T1_SHA256
 
 
 @pytest.mark.slow
 @needs_slicer
-def test_module_self_test_with_the_sample_runs_headless(module, scene, monkeypatch):
-    """The module's own self-test (sample T1, fast preset, real worker), minus the application."""
-    if module.sampleT1Path() is None:
+def test_self_test_step_with_the_sample_runs_on_slicer_core(scene, monkeypatch):
+    """The module's own sample self-test (sample T1, fast preset, real worker), minus the application."""
+    if selftest.sample_t1_path() is None:
         pytest.skip("sample T1 not shipped yet")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    test = module.MultiscaleDiffSegTest("test_SampleFastPreset")
-    test.setUp()
-    test.test_SampleFastPreset()
+    shown = []
+    selftest.sample_fast_preset(unittest.TestCase(), scene, MultiscaleDiffSegLogic(scene), shown.append)
+    assert shown[-1] == "Sample test passed"
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
 @pytest.fixture
-def logic(module, scene, monkeypatch, tmp_path):
+def logic(scene, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    logic = module.MultiscaleDiffSegLogic(scene=scene)
+    logic = MultiscaleDiffSegLogic(scene=scene)
     logic.keepTempFiles = False
     return logic
 
@@ -787,8 +731,8 @@ def test_console_segment_runs_the_real_core_worker(logic, volume, untrained_mode
 
 @pytest.mark.integration
 @needs_slicer
-def test_non_blocking_without_the_application_refuses_before_starting(logic, volume):
-    with pytest.raises(RuntimeError, match="blocking=False needs the Slicer application"):
+def test_non_blocking_without_an_event_loop_refuses_before_starting(logic, volume):
+    with pytest.raises(RuntimeError, match="blocking=False needs an event loop"):
         logic.segment(volume, preset="fast", blocking=False)
     assert logic.job is None and not logic.isRunning
 
@@ -803,7 +747,7 @@ def test_console_segment_failure_raises_with_the_workers_message(logic, volume, 
 @pytest.mark.integration
 @needs_slicer
 @POSIX_ONLY
-def test_cancel_stops_the_real_worker(module, volume, untrained_model, tmp_path):
+def test_cancel_stops_the_real_worker(volume, untrained_model, tmp_path):
     settings = st.settings_from_widgets("accurate", "cpu", model=str(untrained_model))
     worker = WorkerConfig(sys.executable, MODULE_DIR, temp_root=str(tmp_path), threads=1)
     progress = []
@@ -844,287 +788,42 @@ def test_segment_files_cohort_with_the_real_core(logic, untrained_model, tmp_pat
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
-# ----------------------------------------------------------------------------- the widget with stand-in Qt
-# The real widget needs PythonQt inside the Slicer application.  These stand-ins only record what the
-# widget does (texts, enabled states, connected slots) so that the widget's own code paths run:
-# Apply -> worker -> progress -> results panel -> group check boxes -> Cancel.  They say nothing about
-# the layout or the look, which only the application can show.
-import types  # noqa: E402
-import typing  # noqa: E402
-
-pytestmark = pytest.mark.unit
-
-
-class FakeWidget:
-    """Any Qt widget: remembers properties and connected slots; ``emit`` calls the slots."""
-
-    def __init__(self, name: str = "") -> None:
-        self.__dict__.update(name=name, slots={}, enabled=True, checked=False, text="", toolTip="", value=0,
-                             format="", visible=True, log=[], segmentationNode=None)
-
-    def connect(self, signal: str, slot) -> None:
-        self.slots.setdefault(signal, []).append(slot)
-
-    def emit(self, signal: str, *args) -> None:
-        for slot in self.slots.get(signal, []):
-            slot(*args)
-
-    def __setattr__(self, key, value):
-        if key == "checked" and self.__dict__.get("checked") != value and not self.__dict__.get("blocked"):
-            self.__dict__[key] = value
-            self.emit("toggled(bool)", value)
-            return
-        self.__dict__[key] = value
-
-    def blockSignals(self, block: bool) -> bool:
-        was = self.__dict__.get("blocked", False)
-        self.__dict__["blocked"] = block
-        return was
-
-    def setRange(self, *args): pass
-    def hide(self): self.visible = False
-    def show(self): self.visible = True
-    def clear(self): self.log.clear()
-    def appendPlainText(self, text): self.log.append(text)
-    def setMRMLScene(self, scene): pass
-    def setSegmentationNode(self, node): self.segmentationNode = node
-
-
-def fake_ui_namespace() -> types.SimpleNamespace:
-    """One FakeWidget per widget of the real .ui file; unknown names raise AttributeError."""
-    return types.SimpleNamespace(**{name: FakeWidget(name) for name in ui_widgets()})
-
-
-class FakeTimer:
-    instances: list = []
-
-    def __init__(self) -> None:
-        self.active, self.slot = False, None
-        FakeTimer.instances.append(self)
-
-    def setInterval(self, ms): pass
-    def connect(self, signal, slot): self.slot = slot
-    def start(self): self.active = True
-    def stop(self): self.active = False
-    def isActive(self): return self.active
-
-
-def fake_parameter_node_wrapper(scene):
-    def wrapper(cls):
-        hints = typing.get_type_hints(cls, include_extras=True)
-        defaults = {name: getattr(cls, name, None) for name in hints}
-
-        class Wrapped:
-            __annotations__ = cls.__annotations__
-
-            def __init__(self, node=None):
-                object.__setattr__(self, "_node", node if node is not None else scene.AddNewNodeByClass(
-                    "vtkMRMLScriptedModuleNode"))
-                object.__setattr__(self, "_values", dict(defaults))
-
-            def __getattr__(self, name):
-                values = object.__getattribute__(self, "_values")
-                if name in values:
-                    return values[name]
-                return getattr(object.__getattribute__(self, "_node"), name)
-
-            def __setattr__(self, name, value):
-                self._values[name] = value
-                self._node.Modified()
-
-            def connectGui(self, ui):
-                return "tag"
-
-            def disconnectGui(self, tag):
-                pass
-
-        return Wrapped
-    return wrapper
-
-
-@pytest.fixture
-def gui_module(monkeypatch, scene, tmp_path):
-    """MultiscaleDiffSeg.py imported as in the application, with recording stand-ins for Qt/Slicer GUI."""
-    import importlib.util
-
-    import slicer.util
-
-    records = {"errors": [], "messages": [], "layers": [], "layout": []}
-    qt = types.ModuleType("qt")
-    qt.QTimer = FakeTimer
-    qt.Qt = types.SimpleNamespace(WaitCursor=3)
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = fake_parameter_node_wrapper(scene)
-    pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
-
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class Module:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class Widget:
-        def __init__(self, parent=None):
-            self.parent = types.SimpleNamespace(isEntered=True)
-            self.layout = types.SimpleNamespace(addWidget=lambda w: None)
-
-        def setup(self): pass
-        def resourcePath(self, relative): return str(MODULE_DIR / "Resources" / relative)
-
-    class Logic:
-        def __init__(self, parent=None): pass
-        def getParameterNode(self): return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-
-    slm.ScriptedLoadableModule, slm.ScriptedLoadableModuleWidget = Module, Widget
-    slm.ScriptedLoadableModuleLogic, slm.ScriptedLoadableModuleTest = Logic, type("T", (), {})
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-
-    selection = types.SimpleNamespace(SetActiveTableID=lambda i: records["layout"].append(("table", i)))
-    app = types.SimpleNamespace(
-        connect=lambda *a: None, testingEnabled=lambda: False, temporaryPath=str(tmp_path), processEvents=lambda: None,
-        setOverrideCursor=lambda c: None, restoreOverrideCursor=lambda: None,
-        layoutManager=lambda: types.SimpleNamespace(setLayout=lambda n: records["layout"].append(("layout", n))),
-        applicationLogic=lambda: types.SimpleNamespace(GetSelectionNode=lambda: selection,
-                                                       PropagateTableSelection=lambda: None))
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: FakeWidget("root"))
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda w: fake_ui_namespace())
-    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ))
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: records["errors"].append(text))
-    monkeypatch.setattr(slicer.util, "messageBox", lambda text, **kw: records["messages"].append(text))
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: records["layers"].append(kw))
-
-    spec = importlib.util.spec_from_file_location("MultiscaleDiffSeg_gui", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    # registered as an import would be: the parameter node wrapper resolves the class's (deferred)
-    # annotations in the module's namespace through sys.modules, as Slicer's does
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    assert module.HAVE_APPLICATION
-    module.records = records
-    return module
-
-
-def drive(logic, until, timeout=120.0):
-    """Fire the module's poll timer like Qt's event loop would, until ``until()`` is true."""
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
-        logic._poll()
-        time.sleep(0.05)
-    assert until(), "timed out"
-
-
-@pytest.mark.integration
-@needs_slicer
-def test_widget_apply_progress_results_groups_and_cancel(gui_module, scene, volume, fake_worker, monkeypatch):
-    import MultiscaleDiffSegLib.jobs as jobs_module
-
-    mode = {"name": "segment"}
-
-    def fake_command(python, inputs, out, settings, overwrite=True):
-        return [sys.executable, str(fake_worker), mode["name"], str(inputs[0]), "-o", str(out), *settings.cli_options()]
-
-    monkeypatch.setattr(jobs_module, "segment_command", fake_command)
-    widget = gui_module.MultiscaleDiffSegWidget()
-    widget.setup()
-    widget.enter()
-    ui, logic = widget.ui, widget.logic
-    assert widget._parameterNode.inputVolume is volume  # first volume preselected
-    assert ui.applyButton.enabled and ui.applyButton.text == "Segment"
-    drive(logic, lambda: logic.deviceProbe is not None or bool(logic.deviceProbeError))
-    assert "Device:" in ui.estimateLabel.text and "estimate" in ui.estimateLabel.text
-
-    widget._parameterNode.uncertainty = True
-    widget.onApplyButton()
-    assert ui.applyButton.text == "Cancel" and ui.progressBar.visible
-    drive(logic, lambda: not logic.isRunning)
-    assert ui.applyButton.text == "Segment" and not ui.progressBar.visible
-    assert gui_module.records["errors"] == []
-    segmentation = widget._parameterNode.outputSegmentation
-    assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 32
-    assert ui.resultsCollapsibleButton.enabled and ui.show3DButton.segmentationNode is segmentation
-    assert ui.showUncertaintyCheckBox.enabled and any("Worker:" in line for line in ui.logTextEdit.log)
-    assert gui_module.records["layers"][-1].get("background") is volume
-
-    ui.leftHemisphereCheckBox.checked = False  # the user unticks "Left hemisphere"
-    display = segmentation.GetDisplayNode()
-    assert not display.GetSegmentVisibility("left_putamen") and display.GetSegmentVisibility("right_putamen")
-    ui.showUncertaintyCheckBox.checked = True
-    assert gui_module.records["layers"][-1]["foreground"] is segmentation.GetNodeReference(mrml.UNCERTAINTY_REFERENCE_ROLE)
-    widget.onShowVolumes()
-    assert ("table", segmentation.GetNodeReference(mrml.VOLUMES_REFERENCE_ROLE).GetID()) in gui_module.records["layout"]
-
-    # another input while the selector still shows the first input's result: that result is kept
-    second = mrml.add_volume_from_sitk(scene, head_image(), "second head")
-    widget._parameterNode.inputVolume = second
-    widget.onApplyButton()
-    drive(logic, lambda: not logic.isRunning)
-    assert widget._parameterNode.outputSegmentation is not segmentation
-    assert segmentation.GetNodeReference(mrml.INPUT_REFERENCE_ROLE) is volume
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
-
-    # again, then cancel: Apply is Cancel while running
-    mode["name"] = "tree"
-    widget.onApplyButton()
-    assert ui.applyButton.text == "Cancel"
-    drive(logic, lambda: logic.job.process is not None and logic.job.process.progress > 0)
-    widget.onApplyButton()  # = Cancel
-    drive(logic, lambda: not logic.isRunning)
-    assert ui.applyButton.text == "Segment" and ui.statusLabel.text == "Cancelled"
-    assert gui_module.records["errors"] == []
-
-    # a failing worker is shown in an error box, never silent
-    mode["name"] = "fail"
-    widget.onApplyButton()
-    drive(logic, lambda: not logic.isRunning)
-    assert gui_module.records["errors"] and "too small for a brain" in gui_module.records["errors"][-1]
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
-    widget.cleanup()
-
-
 # ----------------------------------------------------------------------------- self-test installs nothing
 MISSING_TORCH = {"torch": None}
 
 
 @pytest.mark.integration
 @needs_slicer
-def test_self_test_skips_the_sample_instead_of_installing(module, scene, monkeypatch):
+def test_self_test_skips_the_sample_instead_of_installing(scene, monkeypatch):
     """On a build machine without PyTorch the self-test says what is missing and installs nothing."""
-    from MultiscaleDiffSegLib import dependencies as deps
+    from MultiscaleDiffSegLib.logic import SELFTEST_INSTALL_ENV
 
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.delenv(module.SELFTEST_INSTALL_ENV, raising=False)
+    monkeypatch.delenv(SELFTEST_INSTALL_ENV, raising=False)
     monkeypatch.setattr(deps, "probe_environment", lambda: deps.Environment(versions=MISSING_TORCH))
-    shown = []
-    test = module.MultiscaleDiffSegTest("test_SampleFastPreset")
-    monkeypatch.setattr(test, "delayDisplay", lambda text, msec=0: shown.append(text))
-    test.setUp()
-    test.test_SampleFastPreset()
+    installs, shown = [], []
+    logic = MultiscaleDiffSegLogic(scene, Host(testing=lambda: True, pip_install=installs.append))
+    selftest.sample_fast_preset(unittest.TestCase(), scene, logic, shown.append)
     assert shown and "Sample test skipped: torch is not installed" in shown[-1]
-    assert module.SELFTEST_INSTALL_ENV in shown[-1]
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert SELFTEST_INSTALL_ENV in shown[-1]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0 and installs == []
 
 
 @pytest.mark.integration
 @needs_slicer
-def test_testing_mode_declines_the_install_unless_allowed(gui_module, monkeypatch):
-    """Slicer in testing mode (ctest on a build machine) never pip-installs by itself."""
-    from MultiscaleDiffSegLib import dependencies as deps
+def test_testing_mode_declines_the_install_unless_allowed(scene, monkeypatch):
+    """Slicer in testing mode (ctest on a build machine) never pip-installs by itself, even when
+    the caller waived the question; with the variable set it goes ahead."""
+    from MultiscaleDiffSegLib.logic import SELFTEST_INSTALL_ENV
 
-    installs = []
-    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: True, raising=False)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda args: installs.append(args), raising=False)
+    installs, asked = [], []
     monkeypatch.setattr(deps, "probe_environment", lambda: deps.Environment(versions=MISSING_TORCH))
-    monkeypatch.delenv(gui_module.SELFTEST_INSTALL_ENV, raising=False)
-    logic = gui_module.MultiscaleDiffSegLogic()
-    with pytest.raises(RuntimeError, match="declined"):
-        logic.ensureDependencies(askConfirmation=False)
-    assert installs == []
+    monkeypatch.delenv(SELFTEST_INSTALL_ENV, raising=False)
+    host = Host(ask=lambda text: asked.append(text) or True, testing=lambda: True, pip_install=installs.append)
+    for ask in (True, False):
+        with pytest.raises(RuntimeError, match="declined"):
+            MultiscaleDiffSegLogic(scene, host).ensureDependencies(askConfirmation=ask)
+    assert installs == [] and asked == []
+    monkeypatch.setenv(SELFTEST_INSTALL_ENV, "1")
+    with pytest.raises(RuntimeError, match="still missing"):  # the recording installer installs nothing
+        MultiscaleDiffSegLogic(scene, host).ensureDependencies(askConfirmation=True)
+    assert installs and any(arg.startswith("torch") for arg in installs[0])
