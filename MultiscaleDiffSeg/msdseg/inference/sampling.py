@@ -162,11 +162,11 @@ def _denoiser(model, image, coords, entry, ctx, windowed: bool):
     if windowed:
         return _windowed_denoiser(model, image, coords, entry, ctx)
     with ctx():
-        feats = model.encode_image(image, coords, entry)
+        feats = model.fuse_image(model.encode_image(image, coords, entry), entry)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with ctx():
-            logits = model.denoise(feats, x_t, t, entry)[0]
+            logits = model.denoise(feats, x_t, t, entry, fused=True, finest_only=True)[0]
         return torch.softmax(logits.float(), dim=1)
 
     return denoise

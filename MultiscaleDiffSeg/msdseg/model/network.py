@@ -85,6 +85,30 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 convolution computed as one matrix product over the channels.
+
+    Same parameters (and state-dict names) as ``nn.Conv3d(cin, cout, 1)``; PyTorch's CPU path
+    runs 1x1x1 3-D convolutions through its generic unfold kernel, several times slower than the
+    matrix product they are.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or not x.is_contiguous() or self.bias is None:
+            return super().forward(x)
+        b, c, *spatial = x.shape
+        w = self.weight.reshape(self.out_channels, c)
+        flat = x.reshape(b, c, -1)
+        if b == 1:  # matmul and addmm follow autocast like the convolution they replace
+            out = torch.addmm(self.bias[:, None], w, flat[0])[None]
+        else:
+            out = torch.matmul(w, flat) + self.bias[:, None]
+        return out.reshape(b, self.out_channels, *spatial)
+
+
 def _norm(ch: int, groups: int, scale: int = 1) -> nn.GroupNorm:
     """``min(groups, ch)`` groups; a layer widened ``scale`` times has ``scale`` times as many
     groups of the same size, so its original channels are normalised exactly as before."""
@@ -101,16 +125,30 @@ class ResBlock(nn.Module):
         self.norm2 = _norm(out_ch, groups, scale)
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(time_dim, 2 * out_ch) if time_dim else None
-        self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.skip = PointwiseConv3d(in_ch, out_ch) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if self.film is not None and temb is not None:
-            scale, shift = self.film(temb)[:, :, None, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
+            h = self._norm_film(h, temb)
+        else:
+            h = self.norm2(h)
+        h = self.conv2(F.silu(h, inplace=True))
         return h + self.skip(x)
+
+    def _norm_film(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``norm2`` then FiLM, ``norm(h) * (1 + scale) + shift``.
+
+        With one volume in the batch the FiLM is folded into the norm's own per-channel affine
+        (``w * (1 + scale)``, ``b * (1 + scale) + shift``): the same numbers, two fewer passes
+        over the largest tensor of the block.  Training batches keep the plain form."""
+        scale, shift = self.film(temb).chunk(2, dim=1)
+        norm = self.norm2
+        if h.shape[0] == 1 and norm.affine:
+            weight = norm.weight * (1 + scale[0])
+            bias = norm.bias * (1 + scale[0]) + shift[0]
+            return F.group_norm(h, norm.num_groups, weight.to(h.dtype), bias.to(h.dtype), norm.eps)
+        return norm(h) * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
 
 
 class ImageEncoder(nn.Module):
@@ -152,8 +190,8 @@ class MultiscaleDiffUNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim)
         )
-        self.label_entries = nn.ModuleList([nn.Conv3d(cfg.n_classes, c, 1) for c in ch])
-        self.image_fuse = nn.ModuleList([nn.Conv3d(ich[d], ch[d], 1) for d in range(D)])
+        self.label_entries = nn.ModuleList([PointwiseConv3d(cfg.n_classes, c) for c in ch])
+        self.image_fuse = nn.ModuleList([PointwiseConv3d(ich[d], ch[d]) for d in range(D)])
         self.enc = nn.ModuleList(
             [ResBlock(c, c, cfg.groups, cfg.time_dim, cfg.scale_at(d)) for d, c in enumerate(ch)]
         )
@@ -162,7 +200,7 @@ class MultiscaleDiffUNet(nn.Module):
         self.dec = nn.ModuleList(
             [ResBlock(2 * ch[d], ch[d], cfg.groups, cfg.time_dim, cfg.scale_at(d)) for d in range(D - 1)]
         )
-        self.heads = nn.ModuleList([nn.Conv3d(c, cfg.n_classes, 1) for c in ch])
+        self.heads = nn.ModuleList([PointwiseConv3d(c, cfg.n_classes) for c in ch])
 
     # ------------------------------------------------------------------ helpers
     def image_pyramid(self, image: torch.Tensor, coords: torch.Tensor | None, entry: int) -> list[torch.Tensor]:
@@ -178,10 +216,22 @@ class MultiscaleDiffUNet(nn.Module):
         """Image features per depth; compute once per volume and pass to :meth:`denoise`."""
         return self.image_encoder(self.image_pyramid(image, coords, entry), entry)
 
+    def fuse_image(self, image_feats: list[torch.Tensor], entry: int) -> list[torch.Tensor]:
+        """The image features as the denoiser adds them (its 1x1 ``image_fuse`` per depth).
+
+        They depend on neither x_t nor t: sampling computes them once per view and passes them to
+        :meth:`denoise` with ``fused=True`` instead of redoing the projection at every step."""
+        return [self.image_fuse[entry + i](f) for i, f in enumerate(image_feats)]
+
     def denoise(
-        self, image_feats: list[torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, entry: int
+        self, image_feats: list[torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, entry: int,
+        fused: bool = False, finest_only: bool = False,
     ) -> list[torch.Tensor]:
-        """Logits of x0 at depths entry..D-1 (finest first)."""
+        """Logits of x0 at depths entry..D-1 (finest first).
+
+        ``fused``: ``image_feats`` come from :meth:`fuse_image`.  ``finest_only``: return only the
+        entry depth's logits (a one-element list) and skip the coarser heads nobody reads, except
+        those a refining head adds to."""
         temb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
         skips: list[torch.Tensor] = []
         h = None
@@ -190,22 +240,36 @@ class MultiscaleDiffUNet(nn.Module):
             d = entry + i
             if i > 0:
                 xt = F.avg_pool3d(xt, 2)
-            x = self.label_entries[d](xt) + self.image_fuse[d](feat)
+            x = self.label_entries[d](xt) + (feat if fused else self.image_fuse[d](feat))
             if h is not None:
                 x = x + self.downs[d - 1](h)
             h = self.enc[d](x, temb)
             skips.append(h)
-        outs = [self.heads[-1](h)]
+        last = self.cfg.depths - 1
+        outs: list[torch.Tensor | None] = [self.heads[-1](h) if not finest_only or self._head_needed(last, entry) else None]
         for i in range(len(image_feats) - 2, -1, -1):
             d = entry + i
             up = self.ups[d](h)
             h = self.dec[d](torch.cat([up, skips[i]], dim=1), temb)
+            if finest_only and not self._head_needed(d, entry):
+                outs.append(None)
+                continue
             logits = self.heads[d](h)
             if self.cfg.refines(d):
                 coarse = F.interpolate(outs[-1], scale_factor=2, mode="trilinear", align_corners=False)
                 logits = logits + coarse.to(logits.dtype)
             outs.append(logits)
-        return outs[::-1]
+        if finest_only:
+            return [outs[-1]]  # type: ignore[list-item]
+        return outs[::-1]  # type: ignore[return-value]
+
+    def _head_needed(self, depth: int, entry: int) -> bool:
+        """Whether the entry depth's answer uses the head of ``depth`` (itself, or through the
+        chain of refining heads above it)."""
+        d = entry
+        while d < depth and self.cfg.refines(d):
+            d += 1
+        return depth <= d
 
     def enable_refining_heads(self, n: int) -> list[int]:
         """Turn the finest ``n`` depths' heads into refining heads (see module docstring), with
