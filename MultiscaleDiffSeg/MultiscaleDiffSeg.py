@@ -7,6 +7,7 @@ tests against real MRML from ``slicer-core``; this file needs the Slicer applica
 """
 from __future__ import annotations  # Slicer 5.8's Python 3.9 must reach the version message
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 import MultiscaleDiffSegLib
-from MultiscaleDiffSegLib import mrml, selftest, visibility
+from MultiscaleDiffSegLib import mrml, selftest, terminology, visibility
 from MultiscaleDiffSegLib.jobs import JobResult, SegmentationJob, describe_result
 from MultiscaleDiffSegLib.logic import Host, MultiscaleDiffSegLogic, use_host
 from MultiscaleDiffSegLib.settings import (
@@ -70,9 +71,19 @@ Structures and label numbers follow FreeSurfer's aseg. Built on PyTorch, MONAI, 
 
 def onStartupCompleted() -> None:
     """Watch Slicer's scene from the start, so that the hemisphere folders' eye icons work in a
-    scene loaded before the module is opened; offer the sample T1 in the Sample Data module."""
+    scene loaded before the module is opened; offer the sample T1 in the Sample Data module; load
+    the terminology context the segments name."""
     visibility.watch_scene(slicer.mrmlScene)
     registerSampleData()
+    loadTerminology()
+
+
+def loadTerminology() -> None:
+    """Segments name the module's own terminology context; Slicer's terminology selector must know it."""
+    try:
+        terminology.load_module_terminology(slicer.modules.terminologies.logic())
+    except (OSError, ValueError, RuntimeError) as exc:
+        logging.error(f"MultiscaleDiffSeg: {exc}")
 
 
 def applicationHost() -> Host:

@@ -3,6 +3,7 @@
 * :mod:`.settings`     presets, devices, the worker command line, time estimates
 * :mod:`.process`      the worker process: progress streaming and process-tree cancel
 * :mod:`.dependencies` what to install and how (decisions only; Slicer does the installing)
+* :mod:`.terminology`  loads the module's own terminology context (every segment's codes)
 * :mod:`.mrml`         results -> segmentation node, terminology, subject hierarchy, tables
 * :mod:`.visibility`   hemisphere folders' eye icons -> segments, in every watched scene
 * :mod:`.jobs`         one volume or a cohort from start to result

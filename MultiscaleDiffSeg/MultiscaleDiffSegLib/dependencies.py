@@ -15,17 +15,27 @@ This module only *decides* (and is unit-tested); the Slicer logic *acts* on the 
 * Everything is pinned to versions the core was tested with; versions already installed are
   accepted when they are inside the range that works.
 * The versions are read from package metadata, never by importing: importing torch into Slicer's
-  process would load GPU libraries the worker process is meant to keep out.
+  process would load GPU libraries the worker process is meant to keep out.  (The PyTorch
+  extension's installer does import torch into Slicer's process once; the question says so.)
+* The question names everything that will be installed, the platform's build of PyTorch, and
+  refuses before asking where no usable PyTorch exists (Intel macOS).
+* When pip fails, the user reads pip's own reason.  Slicer's ``pip_install`` (5.8 to 5.10) prints
+  pip's output line by line and then raises ``CalledProcessError`` whose text is only the command
+  line, with no output attached; :func:`run_pip` therefore records what is printed while pip runs.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import os
+import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TextIO, TypeVar
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -66,6 +76,17 @@ PIP_DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("nibabel", "nibabel", ">=5.0", "5.4.2", "nibabel: reads FreeSurfer .mgz inputs"),
 )
 
+#: What the PyTorch extension (``PyTorchUtils.installTorch``) does, read from SlicerPyTorch's source.
+PYTORCH_EXTENSION_INSTALLS = (
+    "light-the-torch (installed with pip first; it requires its own range of pip versions, so Slicer's "
+    "pip may be replaced), then torch and torchvision, the CUDA build that matches your NVIDIA driver "
+    "or else the CPU build; it then imports torch into Slicer's own process, where it stays loaded until "
+    "Slicer is restarted (on Windows it cannot be upgraded before that)"
+)
+
+#: The last PyTorch with wheels for Intel macs (x86_64) on PyPI; every version we accept is newer.
+LAST_TORCH_FOR_INTEL_MAC = "2.2.2"
+
 #: Slicer's own builds: checked, never installed.  ``None`` = no pip metadata to pin (VTK).
 PROTECTED: tuple[tuple[str, str | None], ...] = (
     ("numpy", "numpy"),
@@ -84,6 +105,13 @@ class Environment:
     importable: Mapping[str, bool] = field(default_factory=dict)
     pytorch_extension: bool = False
     python: tuple[int, int] = (sys.version_info.major, sys.version_info.minor)
+    system: str = platform.system()  # Windows | Linux | Darwin
+    machine: str = platform.machine()  # x86_64 / AMD64 / arm64 / aarch64: what Slicer's Python runs as
+
+    @property
+    def intel_mac(self) -> bool:
+        """macOS with an x86_64 Python: an Intel Mac, or an Intel build of Slicer under Rosetta."""
+        return self.system == "Darwin" and self.machine.lower() in ("x86_64", "amd64", "i386")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -152,15 +180,14 @@ class InstallPlan:
         return commands
 
     def confirmation_text(self) -> str:
-        """The one question asked before installing anything."""
+        """The one question asked before installing anything: what, from where, and what changes."""
         lines = ["MultiscaleDiffSeg needs these Python packages, which are not installed yet:", ""]
         lines += [f"  - {item}" for item in self.items]
-        lines += [
-            "",
-            "Slicer's own numpy, SimpleITK, scipy and VTK are not changed.",
-            "The download can take several minutes (PyTorch with CUDA is about 2-3 GB).",
-            "Install now?",
-        ]
+        lines += ["", "Slicer's own numpy, SimpleITK, scipy and VTK are not changed."]
+        if self.torch_action != "none":
+            lines.append("PyTorch is the large download (over 100 MB, more with CUDA libraries); "
+                         "the other packages are a few MB.")
+        lines.append("Install now?")
         return "\n".join(lines)
 
 
@@ -189,6 +216,20 @@ def monai_pin(torch_version: str | None) -> str:
     return MONAI_PINS[-1][1]
 
 
+def pypi_torch_build(env: Environment) -> str:
+    """Which build of torch PyPI gives this platform (what the user gets without the extension)."""
+    if env.system == "Windows":
+        return ("the CPU-only build (PyPI has no CUDA build for Windows): an NVIDIA GPU will not be used; "
+                "install the PyTorch extension first to get the CUDA build")
+    if env.system == "Darwin":
+        return (f"the Apple-silicon build (torch {TORCH.pin} needs macOS 14 or newer), "
+                "which uses the GPU through MPS")
+    if env.system == "Linux" and env.machine.lower() in ("x86_64", "amd64"):
+        return ("the CUDA build, with NVIDIA's CUDA libraries as separate pip packages (nvidia-*); "
+                "it also runs on computers without an NVIDIA GPU")
+    return f"the build PyPI offers for {env.system} {env.machine}"
+
+
 def plan_installation(env: Environment) -> InstallPlan:
     """Decide what to install for ``env``; pure function of its input (unit-tested)."""
     plan = InstallPlan()
@@ -211,12 +252,19 @@ def plan_installation(env: Environment) -> InstallPlan:
             plan.torch_reason = f"installed torch {torch_version} is too old (need {TORCH.accept})"
         else:
             plan.torch_reason = "torch is not installed"
-        if env.pytorch_extension:
+        if env.intel_mac:
+            plan.problems.append(
+                f"PyTorch {TORCH.accept} is not available for Intel Macs: PyPI's last PyTorch for macOS on x86_64 "
+                f"is {LAST_TORCH_FOR_INTEL_MAC}. MultiscaleDiffSeg needs a Mac with Apple silicon (running the "
+                "Apple-silicon build of Slicer, not the Intel build under Rosetta), Windows or Linux")
+        elif env.pytorch_extension:
             plan.torch_action = "pytorch_extension"
-            plan.items.append(f"PyTorch {TORCH.accept} via the PyTorch extension (matches your GPU driver)")
+            plan.items.append(f"PyTorch {TORCH.accept} via the PyTorch extension (PyTorchUtils): "
+                              + PYTORCH_EXTENSION_INSTALLS)
         else:
             plan.torch_action = "pip"
-            plan.items.append(f"PyTorch {TORCH.pin} from PyPI ({TORCH.purpose.split(': ', 1)[1]})")
+            plan.items.append(f"PyTorch {TORCH.pin} from PyPI ({TORCH.purpose.split(': ', 1)[1]}): "
+                              + pypi_torch_build(env))
     for dep in PIP_DEPENDENCIES:
         current = versions.get(dep.distribution)
         if _accepts(dep.accept, current):
@@ -262,28 +310,112 @@ def torch_pip_command(constraints_file: str | os.PathLike | None = None) -> list
     return [*prefix, TORCH.install_spec]
 
 
+# --------------------------------------------------------------------------- pip's own reason
+#: At most this many lines of the installer's output are shown (pip's ERROR block is usually short).
+REASON_LINES = 12
+
+T = TypeVar("T")
+
+
+class InstallError(RuntimeError):
+    """An installer step failed; the text is the installer's own reason (pip's ERROR lines)."""
+
+
+class _Recorder(io.TextIOBase):
+    """Passes everything on to ``target`` and keeps a copy: what Slicer prints while pip runs."""
+
+    def __init__(self, target: TextIO | None) -> None:
+        super().__init__()
+        self.target = target
+        self.chunks: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.chunks.append(text)
+        if self.target is not None:
+            self.target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.target is not None:
+            self.target.flush()
+
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+def pip_reason(output: str) -> str:
+    """pip's own reason in its output: from its first ``ERROR:`` line on, else the last lines."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    errors = [index for index, line in enumerate(lines) if line.startswith("ERROR:")]
+    chosen = lines[errors[0]:] if errors else lines[-5:]
+    return "\n".join(chosen[-REASON_LINES:])
+
+
+def _attached_output(exc: BaseException) -> str:
+    """Output the exception carries itself (``subprocess.run(capture_output=True)`` attaches it;
+    Slicer 5.10's ``logProcessOutput`` attaches the already-read pipe object, which is skipped)."""
+    parts = []
+    for name in ("output", "stderr"):
+        value = getattr(exc, name, None)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(value, str):
+            parts.append(value)
+    return "\n".join(parts)
+
+
+def run_recorded(action: Callable[[], T], what: str) -> T:
+    """Run one installer step, recording what it prints; on failure raise :class:`InstallError`
+    with the installer's own reason instead of "Command [...] returned non-zero exit status 1"."""
+    recorder = _Recorder(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(recorder):
+            return action()
+    except Exception as exc:
+        printed = pip_reason(recorder.text() + "\n" + _attached_output(exc))
+        if isinstance(exc, subprocess.CalledProcessError):
+            reason = printed or (f"{what} exited with status {exc.returncode} and printed no reason "
+                                 "(see Slicer's Python console)")
+        else:
+            reason = f"{what}: {exc}" + (f"\n{printed}" if "ERROR:" in printed else "")
+        raise InstallError(reason) from exc
+
+
+def run_pip(pip_install: Callable[[list[str]], object], args: list[str]) -> None:
+    """``pip_install(args)`` (``slicer.util.pip_install`` in Slicer) with pip's reason on failure."""
+    run_recorded(lambda: pip_install(args), "pip install " + " ".join(args))
+
+
 # --------------------------------------------------------------------------- failures
 def failure_advice(plan: InstallPlan, error: str = "") -> str:
-    """What to tell the user when an install failed: what broke and what to do next."""
-    first = (error or "").strip().splitlines()
-    reason = first[-1] if first else "the installer did not report a reason"
+    """What to tell the user when an install failed: the installer's reason and what to do next."""
+    reason = (error or "").strip().splitlines() or ["the installer did not report a reason"]
     manual = plan.pip_no_deps + plan.pip_constrained
-    lines = [f"Installing the Python packages failed: {reason}", "", "What to do next:"]
-    lines.append("  1. Check the internet connection. Behind a proxy, start Slicer with HTTPS_PROXY set "
-                 "(for example HTTPS_PROXY=http://proxy.example.org:8080) and try again.")
+    if len(reason) == 1:
+        lines = [f"Installing the Python packages failed: {reason[0]}"]
+    else:
+        lines = ["Installing the Python packages failed. The installer said:", *(f"    {line}" for line in reason)]
+    steps = ["Check the internet connection. Behind a proxy, start Slicer with HTTPS_PROXY set "
+             "(for example HTTPS_PROXY=http://proxy.example.org:8080) and try again."]
     if plan.torch_action == "pytorch_extension":
-        lines.append("  2. Install PyTorch in the 'PyTorch Util' module (Extensions Manager: PyTorch), "
+        steps.append("Install PyTorch in the 'PyTorch Util' module (Extensions Manager: PyTorch), "
                      f"with version requirement {TORCH.accept}, then restart Slicer.")
     elif plan.torch_action == "pip":
-        lines.append("  2. Install the PyTorch extension from the Extensions Manager and restart Slicer; it picks "
+        steps.append("Install the PyTorch extension from the Extensions Manager and restart Slicer; it picks "
                      "the right CUDA build for your GPU.")
     if manual:
-        lines.append("  3. Or install by hand in Slicer's Python console, then restart Slicer:")
+        commands = []
         if plan.pip_no_deps:
-            lines.append(f"       slicer.util.pip_install({['--no-deps', *plan.pip_no_deps]!r})")
+            commands.append(f"slicer.util.pip_install({['--no-deps', *plan.pip_no_deps]!r})")
         if plan.pip_constrained:
-            lines.append(f"       slicer.util.pip_install({plan.pip_constrained!r})")
-    lines.append("  4. Offline computers: see 'Offline use' in the extension's documentation.")
+            commands.append(f"slicer.util.pip_install({plan.pip_constrained!r})")
+        steps.append("Or install by hand in Slicer's Python console, then restart Slicer:"
+                     + "".join(f"\n       {command}" for command in commands))
+    steps.append("Offline computers: see 'Offline computers' in the extension's user guide (docs/slicer_extension.md).")
+    lines += ["", "What to do next:", *(f"  {number}. {step}" for number, step in enumerate(steps, 1))]
     return "\n".join(lines)
 
 
@@ -328,20 +460,20 @@ def ensure(
     try:
         if plan.torch_action == "pytorch_extension":
             log(f"Installing PyTorch {TORCH.accept} with the PyTorch extension...")
-            if not install_torch_extension(TORCH.accept):
-                raise RuntimeError("the PyTorch extension did not install torch")
+            if not run_recorded(lambda: install_torch_extension(TORCH.accept), "the PyTorch extension's installer"):
+                raise InstallError("the PyTorch extension did not install torch")
         elif plan.torch_action == "pip":
             log(f"Installing {TORCH.install_spec} from PyPI...")
             before = env_probe().versions
             torch_constraints = write_constraints(
                 constraint_lines(before, include_torch=False), temp_folder, "msdseg-torch-constraints.txt")
-            pip_install(torch_pip_command(torch_constraints))
+            run_pip(pip_install, torch_pip_command(torch_constraints))
         # torch may have changed: decide the MONAI pin and the constraints again
         plan_after_torch = plan_installation(env_probe())
         constraints = write_constraints(plan_after_torch.constraints, temp_folder)
         for args in plan_after_torch.pip_commands(constraints):
             log("pip install " + " ".join(args))
-            pip_install(args)
+            run_pip(pip_install, args)
     except Exception as exc:  # noqa: BLE001 - any installer failure becomes advice for the user
         raise RuntimeError(failure_advice(plan, str(exc))) from exc
     final = plan_installation(env_probe())

@@ -59,7 +59,7 @@ SEGMENT_NODE_TAG = "MultiscaleDiffSeg.NodeId"
 SEGMENT_GROUP_TAG = "MultiscaleDiffSeg.Group"
 SEGMENT_PATH_TAG = "MultiscaleDiffSeg.Path"
 
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+TERMINOLOGY_CONTEXT = "Segmentation category and type - MultiscaleDiffSeg"  # Resources/*.term.json
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
 
@@ -211,7 +211,7 @@ def _code_string(code) -> str:
 
 
 def terminology_entry(node: Node) -> str:
-    """Slicer's ``TerminologyEntry`` tag for a tree node (General Anatomy list format).
+    """Slicer's ``TerminologyEntry`` tag for a tree node (in the module's own terminology context).
 
     ``context~category~type~typeModifier~anatomicContext~region~regionModifier``; laterality is the
     type modifier (SCT 7771000 Left / 24028007 Right), as in Slicer's own anatomy list.  Set as a

@@ -173,7 +173,7 @@ def test_segmentation_has_all_leaves_with_names_colours_terminology(scene, study
         entry = mrml.get_segment_tag(segment, mrml.TERMINOLOGY_TAG)
         assert entry == mrml.terminology_entry(leaf)
         fields = entry.rstrip("|").split("~")
-        assert fields[0] == "Segmentation category and type - 3D Slicer General Anatomy list"
+        assert fields[0] == "Segmentation category and type - MultiscaleDiffSeg"
         assert fields[1] == "SCT^123037004^Anatomical Structure"
         assert fields[2] == f"{leaf.code.scheme}^{leaf.code.value}^{leaf.code.meaning}"
         if leaf.id.startswith("left_"):

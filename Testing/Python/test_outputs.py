@@ -116,7 +116,7 @@ def test_terminology_strings_have_codes_and_laterality(tmp_path: Path) -> None:
     header = nrrd.read_header(str(tmp_path / "S.seg.nrrd"))
     tags = {header[f"Segment{i}_ID"]: header[f"Segment{i}_Tags"] for i in range(32)}
     assert tags["left_caudate"] == (
-        "TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^"
+        "TerminologyEntry:Segmentation category and type - MultiscaleDiffSeg~SCT^123037004^"
         "Anatomical Structure~SCT^11000004^Caudate nucleus~SCT^7771000^Left~Anatomic codes - DICOM master "
         "list~^^~^^|")
     assert "~SCT^11000004^Caudate nucleus~SCT^24028007^Right~" in tags["right_caudate"]
@@ -300,6 +300,21 @@ def test_a_commits_backup_is_never_deleted_for_its_age(tmp_path: Path) -> None:
     atomic.remove_stale_temporaries(tmp_path)
     assert (tmp_path / "S_labels.nii.gz").read_text() == "the only copy" and not lost.exists()
     assert kept.read_text() == "an earlier segmentation" and (tmp_path / "S.seg.nrrd").read_text() == "the new one"
+
+
+def test_a_dead_workers_temporaries_go_at_once_and_no_one_elses(tmp_path: Path) -> None:
+    """After a worker died on case S, its fresh temporaries are removed and its half-committed
+    backup put back, while another case's live temporaries in the same folder are left alone."""
+    dead = atomic.temporary_path(tmp_path / "S_labels.nii.gz")
+    dead.write_text("half written by the dead worker")
+    moved = tmp_path / f"{atomic.BACKUP_PREFIX}0123456789ab-S.seg.nrrd"
+    moved.write_text("the earlier segmentation, moved aside")
+    live = atomic.temporary_path(tmp_path / "T_labels.nii.gz")
+    live.write_text("another worker is writing this")
+    names = {"S_labels.nii.gz", "S.seg.nrrd", "S_volumes.csv"}
+    assert atomic.remove_stale_temporaries(tmp_path, older_than_s=0.0, names=names) == [dead]
+    assert (tmp_path / "S.seg.nrrd").read_text() == "the earlier segmentation, moved aside"
+    assert live.exists() and not moved.exists()
 
 
 # ----------------------------------------------------------------------------- resume checks

@@ -478,7 +478,7 @@ def test_module_cmake_lists_every_module_python_file_and_globs_the_core():
     top = (REPO / "CMakeLists.txt").read_text()
     for needle in ("project(MultiscaleDiffSeg)", "EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"',
                    "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
-                   'EXTENSION_DEPENDS "NA"', "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                   'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                    "add_subdirectory(MultiscaleDiffSeg)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                    "include(${Slicer_EXTENSION_CPACK})"):
         assert needle in top, needle
@@ -547,7 +547,7 @@ def test_catalog_entry_follows_the_extensions_index_schema():
                "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert "slicer-extension-catalog-entry-schema-v1.0.2.json" in entry["$schema"]
-    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == []
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://github.com/")
 
 

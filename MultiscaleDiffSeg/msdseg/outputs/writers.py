@@ -30,8 +30,9 @@ from msdseg.core.volumes import CSV_COLUMNS, aggregate_volumes, structure_volume
 if TYPE_CHECKING:
     from msdseg.outputs.provenance import RunIdentity
 
-# Slicer terminology context names (3D Slicer General Anatomy list, DICOM anatomic codes).
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# Slicer terminology context names: the module's own context (Resources/*.term.json, loaded into
+# Slicer's terminologies at start-up) and the DICOM anatomic codes.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - MultiscaleDiffSeg"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 ANATOMICAL_STRUCTURE = ["SCT", "123037004", "Anatomical Structure"]
 
