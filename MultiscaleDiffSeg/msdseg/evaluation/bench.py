@@ -177,7 +177,8 @@ def child_main(args: argparse.Namespace) -> int:
     image = load_volume(args.input)
     t_read = time.perf_counter()
     settings = SegmentSettings(preset=args.preset, device=args.device, steps=args.steps, samples=args.samples,
-                               uncertainty=True, model=args.model, intensity=args.intensity)
+                               uncertainty=True, model=args.model, intensity=args.intensity,
+                               precision=args.precision)
     result = segment_image(image, settings)
     t_seg = time.perf_counter()
     write_case_outputs(result, Path(args.output), "bench")
@@ -191,16 +192,55 @@ def child_main(args: argparse.Namespace) -> int:
         "steps": result.info.get("steps"), "samples": result.info.get("samples"),
         "torch_threads": torch.get_num_threads(), "input_size": list(image.GetSize()),
         "intensity_refined": result.info.get("intensity_refined"),
+        "precision": _precision_path(args.precision, result.info.get("device") or "cpu"),
     }), flush=True)
     return 0
 
 
+def _precision_path(precision: str, device: str) -> str:
+    """The arithmetic the convolutions ran in ("fp32", "bf16", "fp16")."""
+    import torch
+
+    from msdseg.model.devices import autocast_dtype
+
+    dtype = autocast_dtype(torch.device(device), precision)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def roofline_child(args: argparse.Namespace) -> int:
+    """FLOPs and achieved rate of one encoder and one denoiser pass on the preset's grid."""
+    import SimpleITK as sitk
+
+    from msdseg.core.geometry import head_grid
+    from msdseg.evaluation.roofline import roofline, roofline_markdown
+    from msdseg.model.modelfile import load_model
+    from msdseg.resources import sample_t1_path
+
+    plan = PRESETS[args.preset]
+    model = load_model(args.model).model.eval()
+    grid = head_grid(sitk.ReadImage(str(sample_t1_path())), plan.spacing_mm)
+    mirrored = plan.mirror and plan.samples > 1 and plan.steps > 0
+    passes = {"encoder pass": 2 if mirrored else 1, "denoiser pass": max(plan.steps, 1) * plan.samples}
+    result = roofline(model, tuple(grid.shape), model.cfg.depth_of(plan.spacing_mm), args.precision,
+                      args.threads or (os.cpu_count() or 1), passes, args.repeat)
+    result["isa"] = args.isa
+    print(roofline_markdown(result, args.preset))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- driver
-def _env(threads: int | None) -> dict[str, str]:
+#: ``--isa avx2``: what a CPU without AVX-512 runs, reproduced on one that has it (oneDNN's
+#: convolutions and ATen's vectorised kernels both capped).
+ISA_CAPS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def _env(threads: int | None, isa: str = "native") -> dict[str, str]:
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # the pool divides the cores itself; a stray 1 would cap it
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    env.update(ISA_CAPS[isa])
     return env
 
 
@@ -219,8 +259,11 @@ def machine_info() -> dict[str, Any]:
         load = (float("nan"),) * 3
     import torch
 
+    from msdseg.evaluation.roofline import cpu_info
+
     return {"cpu": model, "cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in load],
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+            "flags": cpu_info().flags, "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
 
 
 def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path, args) -> list[dict[str, Any]]:
@@ -235,7 +278,7 @@ def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path
             work = work.with_name(work.name + "_no_intensity")
         work.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "msdseg.evaluation.bench", "child", "--input", str(vpath), "--preset", preset,
-               "--device", args.device, "--output", str(work)]
+               "--device", args.device, "--output", str(work), "--precision", args.precision]
         if model is not None:
             cmd += ["--model", str(model)]
         if args.steps is not None:
@@ -246,9 +289,9 @@ def bench_presets(volumes: dict[str, Path], presets: Sequence[str], outdir: Path
             cmd += ["--no-intensity"]
         for rep in range(args.repeat):
             log = work / f"log_{rep}.txt"
-            m = run_measured(cmd, _env(args.threads), log)
+            m = run_measured(cmd, _env(args.threads, args.isa), log)
             row = {"kind": "preset", "volume": vname, "preset": preset + ("" if intensity else " --no-intensity"),
-                   "model": label, "repeat": rep,
+                   "model": label, "repeat": rep, "isa": args.isa,
                    **m, **_last_json(log)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -292,13 +335,15 @@ def bench_scaling(volume: tuple[str, Path], workers: Sequence[int], cases: int, 
 
 
 def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-             f"load average at start {info['load_avg_at_start']}.", ""]
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info.get('flags', []))}, "
+             f"torch {info['torch']}, load average at start {info['load_avg_at_start']}.", ""]
     pre = [r for r in rows if r["kind"] == "preset"]
     if pre:
-        lines += ["| volume | model | preset | model grid | wall s | segment s | import s | peak RSS MiB |",
-                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['volume']} | {r.get('model', 'shipped')} | {r['preset']} | "
+        lines += ["| volume | model | preset | ISA | path | threads | model grid | wall s | segment s | import s "
+                  "| peak RSS MiB |",
+                  "| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['volume']} | {r.get('model', 'shipped')} | {r['preset']} | {r.get('isa', 'native')} | "
+                  f"{r.get('precision', '')} | {r.get('torch_threads', '')} | "
                   f"{'x'.join(map(str, r.get('grid_shape') or []))} | "
                   f"{r['wall_s']} | {r.get('segment_s', '')} | {r.get('import_s', '')} | {r['maxrss_mib']} |"
                   for r in pre]
@@ -312,6 +357,31 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def roofline_main(argv: Sequence[str]) -> int:
+    """``bench roofline``: re-run in a child so the ISA cap is set before PyTorch loads."""
+    p = argparse.ArgumentParser(prog="python -m msdseg.evaluation.bench roofline",
+                                description="FLOPs, achieved GFLOP/s and the CPU's peak for one preset's passes")
+    p.add_argument("--preset", default="balanced", choices=list(PRESETS))
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--isa", default="native", choices=list(ISA_CAPS))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--model", default=None)
+    p.add_argument("-o", "--output", default=None, help="also write the JSON result here")
+    p.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.in_child:
+        return roofline_child(args)
+    cmd = [sys.executable, "-m", "msdseg.evaluation.bench", "roofline", *argv, "--in-child"]
+    proc = subprocess.run(cmd, env=_env(args.threads, args.isa), capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)
+    out = [line for line in proc.stdout.splitlines() if not line.startswith("{")]
+    print("\n".join(out))
+    if args.output and proc.returncode == 0:
+        Path(args.output).write_text(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+    return proc.returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["child"]:
@@ -323,8 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--samples", type=int, default=None)
         p.add_argument("--model", default=None)
         p.add_argument("--output", required=True)
+        p.add_argument("--precision", default="auto")
         add_intensity_argument(p)
         return child_main(p.parse_args(argv[1:]))
+    if argv[:1] == ["roofline"]:
+        return roofline_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m msdseg.evaluation.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
@@ -334,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cohort-preset", default="fast", choices=PRESETS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="OMP threads of the single-volume runs (default all)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the single-volume runs' arithmetic (auto: bf16 where the CPU has bf16 instructions)")
+    p.add_argument("--isa", default="native", choices=list(ISA_CAPS),
+                   help="avx2: cap oneDNN and ATen at AVX2, as on a CPU without AVX-512 (use with --precision fp32)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1)

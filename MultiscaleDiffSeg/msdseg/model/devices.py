@@ -8,6 +8,7 @@ MPS fp16.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -59,6 +60,8 @@ def cpu_has_fast_bf16() -> bool:
     The probes are private PyTorch helpers; a PyTorch without them is treated as lacking bf16,
     since fp32 is merely slower where bf16 would help, while bf16 without the instructions is
     orders of magnitude slower."""
+    if _isa_capped_below_bf16():
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     for name in probes:
         probe = getattr(torch.cpu, name, None)
@@ -68,6 +71,17 @@ def cpu_has_fast_bf16() -> bool:
         except Exception:  # noqa: BLE001 - a probe that fails says nothing about the CPU
             continue
     return False
+
+
+#: oneDNN's ISA names (``ONEDNN_MAX_CPU_ISA``) under which its kernels have no bf16 instructions.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _isa_capped_below_bf16() -> bool:
+    """Whether the user capped oneDNN (``ONEDNN_MAX_CPU_ISA``, e.g. to reproduce an AVX2 machine)
+    below the instructions bf16 needs: the CPU has them, but the convolutions would not use them."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.strip().upper() in _NO_BF16_ISAS
 
 
 def warn_slow_cpu_bf16() -> None:
