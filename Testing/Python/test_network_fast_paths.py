@@ -83,3 +83,27 @@ def test_fused_finest_only_denoiser_equals_the_full_one(entry, refine_depths):
     assert len(fast) == 1
     assert len(full) == model.cfg.depths - entry
     torch.testing.assert_close(fast[0], full[0], **TOL)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 6])
+def test_ddim_step_from_probabilities_equals_monais_step(steps):
+    from msdseg.model.diffusion import ddim_step_from_probs, make_sampling_scheduler, to_signed
+
+    sched = make_sampling_scheduler(steps)
+    gen = torch.Generator().manual_seed(steps)
+    for t_val in sched.timesteps:
+        probs = torch.softmax(torch.randn(5, 4, 3, 2, generator=gen), dim=0)
+        x_t = torch.randn(1, 5, 4, 3, 2, generator=gen)
+        expected, _ = sched.step(to_signed(probs)[None], int(t_val), x_t.clone())
+        torch.testing.assert_close(ddim_step_from_probs(sched, int(t_val), probs, x_t.clone()), expected, **TOL)
+
+
+def test_normalised_entropy_matches_the_textbook_formula():
+    from msdseg.model.diffusion import normalised_entropy
+
+    probs = torch.softmax(torch.randn(7, 5, 5) * 4, dim=0)
+    probs[:, 0, 0] = torch.nn.functional.one_hot(torch.tensor(2), 7).float()  # exact zeros
+    p = probs.clamp_min(1e-12)
+    expected = -(p * p.log()).sum(0, keepdim=True) / torch.log(torch.tensor(7.0))
+    torch.testing.assert_close(normalised_entropy(probs), expected, rtol=1e-5, atol=1e-6)
+    assert float(normalised_entropy(probs)[0, 0, 0]) == 0.0
