@@ -151,3 +151,30 @@ def test_segmenting_reports_the_refinement_and_can_be_cancelled_while_mapping_ba
     mapped: list[float] = []
     with pytest.raises(Cancelled):  # cancelled once the labels are being mapped back
         segment_image(img, fast, progress=lambda f, m: mapped.append(f), cancel=lambda: bool(mapped) and mapped[-1] >= 0.92)
+
+
+def test_uncertainty_outside_the_band_is_the_grids_own_interpolated():
+    """With the intensity model and an uncertainty map, only the band's box gets the 33-channel
+    posterior; the rest of the field of view (background by the band rule) interpolates the grid's
+    calibrated error probability.  Labels do not depend on asking for uncertainty; inside the
+    box the map is the refined posterior's, everywhere else the grid's interpolated."""
+    from msdseg.inference.backproject import _foreground_grid_box, _input_box
+    from msdseg.core.geometry import input_index_to_grid_index
+    from msdseg.inference.calibration import error_probability, temper
+
+    img, grid, probs = _border_case()
+    probs = probs.clone()
+    probs[:, :, :, 6:] = torch.tensor([0.995, 0.003, 0.002])[:, None, None, None]  # sure background above z = 2 mm
+    lut = np.array([0, 5, 9])
+    model = fit_intensity_model(*fit_voxels(probs, grid, img, BAND, 100_000))
+    labels_only, _ = backproject(probs, grid, img, lut, intensity=model)
+    labels, unc = backproject(probs, grid, img, lut, uncertainty=probs[:1], intensity=model, temperature=2.0)
+    assert np.array_equal(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(labels_only))
+    u = sitk.GetArrayFromImage(unc)
+    mat = torch.from_numpy(input_index_to_grid_index(img, grid)).float()
+    (i0, j0, k0), (i1, j1, k1) = _input_box(mat, _foreground_grid_box(probs.float(), BAND), img.GetSize())
+    outside = np.ones(u.shape, bool)
+    outside[k0:k1, j0:j1, i0:i1] = False
+    assert outside.any(), "the case must have voxels outside the band's box"
+    grid_u = error_probability(temper(probs.float(), 2.0)).numpy()[0]
+    assert u[outside].min() >= grid_u.min() - 1e-6 and u[outside].max() <= grid_u.max() + 1e-6

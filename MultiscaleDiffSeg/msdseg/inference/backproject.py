@@ -60,23 +60,27 @@ def backproject(
     lut = torch.from_numpy(channel_to_label.astype(np.int64))
     labels_out = np.zeros((size[2], size[1], size[0]), dtype=np.uint16)  # SimpleITK (k, j, i)
     unc_out = np.zeros(labels_out.shape, dtype=np.float32) if unc is not None else None
+    whole_grid = ((0, 0, 0), tuple(s - 1 for s in grid.shape))
     band = None if intensity is None else intensity.band
-    grid_box = _foreground_grid_box(vol[0], band) if unc is None else ((0, 0, 0), tuple(s - 1 for s in grid.shape))
+    grid_box = _foreground_grid_box(vol[0], band)
+    if unc is not None and intensity is not None:
+        # Outside the band's box every voxel stays background and its probabilities are the
+        # network's: its uncertainty is the grid's calibrated error probability, interpolated
+        # (one channel, not the 33 the posterior needs).  The box then gets the full treatment.
+        air = error_probability(temper(vol[0], temperature))[None]
+        _project_uncertainty(air, mat, shape, _input_box(mat, whole_grid, size), unc_out,
+                             _share(progress, 0.0, 0.2))
+        progress = _share(progress, 0.2, 1.0)
+    elif unc is not None:
+        grid_box = whole_grid
     if grid_box is None:  # every grid voxel is background: so is every input voxel
-        return _as_image(labels_out, image), None
+        return _as_image(labels_out, image), None if unc_out is None else _as_image(unc_out, image)
     (i0, j0, k_start), (i1, j1, k_stop) = _input_box(mat, grid_box, size)
     per_slice = (i1 - i0) * (j1 - j0)
     # the intensity posterior holds a few more (C, slab) tensors at once: smaller slabs, same peak
     slab = max(1, (SLAB_VOXELS if intensity is None else SLAB_VOXELS // 4) // max(per_slice, 1))
     values = sitk.GetArrayViewFromImage(image) if intensity is not None else None  # (k, j, i)
-    ii, jj = torch.meshgrid(torch.arange(i0, i1, dtype=torch.float32), torch.arange(j0, j1, dtype=torch.float32), indexing="ij")
-    for k0 in range(k_start, k_stop, slab):
-        k1 = min(k_stop, k0 + slab)
-        kk = torch.arange(k0, k1, dtype=torch.float32)
-        idx = torch.stack(
-            [ii[..., None].expand(-1, -1, len(kk)), jj[..., None].expand(-1, -1, len(kk)), kk.expand(i1 - i0, j1 - j0, -1)],
-            dim=-1,
-        )  # (I, J, K, 3) input indices of the box
+    for k0, k1, idx in _slabs((i0, j0, k_start), (i1, j1, k_stop), slab):
         p, samp, inside = _interpolate(vol, idx, mat, shape)
         p = p[0]
         if intensity is not None:
@@ -96,6 +100,40 @@ def backproject(
         if progress is not None:
             progress((k1 - k_start) / max(k_stop - k_start, 1))
     return _as_image(labels_out, image), None if unc_out is None else _as_image(unc_out, image)
+
+
+def _slabs(start: tuple[int, int, int], stop: tuple[int, int, int], slab: int):
+    """(k0, k1, input indices (I, J, K, 3)) of a half-open input box, ``slab`` slices at a time."""
+    (i0, j0, k_start), (i1, j1, k_stop) = start, stop
+    ii, jj = torch.meshgrid(torch.arange(i0, i1, dtype=torch.float32), torch.arange(j0, j1, dtype=torch.float32),
+                            indexing="ij")
+    for k0 in range(k_start, k_stop, slab):
+        k1 = min(k_stop, k0 + slab)
+        kk = torch.arange(k0, k1, dtype=torch.float32)
+        yield k0, k1, torch.stack(
+            [ii[..., None].expand(-1, -1, len(kk)), jj[..., None].expand(-1, -1, len(kk)), kk.expand(i1 - i0, j1 - j0, -1)],
+            dim=-1,
+        )
+
+
+def _project_uncertainty(unc: torch.Tensor, mat: torch.Tensor, shape: torch.Tensor, box, out: np.ndarray,
+                         progress: Callable[[float], None] | None) -> None:
+    """Trilinear values of the one-channel grid map ``unc`` (1, 1, X, Y, Z) at every input voxel of
+    ``box`` (half-open, (i, j, k)), written into ``out`` (k, j, i); zero outside the grid."""
+    (i0, j0, k_start), (i1, j1, k_stop) = box
+    slab = max(1, SLAB_VOXELS // max((i1 - i0) * (j1 - j0), 1))
+    for k0, k1, idx in _slabs(box[0], box[1], slab):
+        u, _, inside = _interpolate(unc, idx, mat, shape)
+        u = u[0, 0]
+        u[~inside] = 0
+        out[k0:k1, j0:j1, i0:i1] = u.numpy().transpose(2, 1, 0)
+        if progress is not None:
+            progress((k1 - k_start) / max(k_stop - k_start, 1))
+
+
+def _share(progress: Callable[[float], None] | None, lo: float, hi: float) -> Callable[[float], None] | None:
+    """Progress of one pass mapped onto [lo, hi] of the back-projection."""
+    return None if progress is None else (lambda f: progress(lo + (hi - lo) * f))
 
 
 def fit_voxels(
