@@ -9,7 +9,7 @@ a sidecar ``S_case.json`` + thumbnail ``S_overlay.png`` per case and ``logs/S.lo
 on resume appear exactly as if they had just been segmented.
 
 Who runs the cases: this process (``--jobs 1``), a local process pool (``--jobs N``,
-:mod:`msdseg.batch.workers`) or a Dask cluster (``--dask ADDRESS``, :mod:`msdseg.batch.dask_runner`); all of
+:mod:`msdseg.batch.pool`) or a Dask cluster (``--dask ADDRESS``, :mod:`msdseg.batch.dask_runner`); all of
 them call :func:`msdseg.batch.workers.process_case`, so results do not depend on the choice.
 
 SIGINT / SIGTERM: the first signal stops scheduling; running cases are cancelled at their next
@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -332,6 +332,24 @@ class Display:
 
 
 # ----------------------------------------------------------------------------- the driver
+#: Per-case time limit in seconds when the caller gives none (unset: no limit).
+CASE_TIMEOUT_ENV = "MSDSEG_CASE_TIMEOUT_S"
+
+
+def case_timeout_from_environment() -> float | None:
+    """``MSDSEG_CASE_TIMEOUT_S`` as seconds, or None (no limit); a bad value is a one-line error."""
+    text = os.environ.get(CASE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"{CASE_TIMEOUT_ENV}={text!r}: expected a number of seconds above 0")
+    return value
+
+
 def run_cohort(
     inputs: Sequence[str],
     outdir: Path,
@@ -343,24 +361,54 @@ def run_cohort(
     progress_mode: str = "bar",
     report: bool = True,
     cancel: Callable[[], bool] | None = None,
+    case_timeout_s: float | None = None,
 ) -> int:
     """The ``msdseg segment`` driver; returns the exit status.
 
     0: every case done or skipped; 1: at least one case failed; 128 + signal number (130 for
-    ``cancel``) when stopped early.
+    ``cancel``) when stopped early.  The output folder is locked for the whole run
+    (:mod:`msdseg.core.lock`): a second run into it is refused with one line naming this one.
+    ``case_timeout_s`` (default ``MSDSEG_CASE_TIMEOUT_S``, else none): a case running longer fails.
     """
-    from msdseg.core.atomic import remove_stale_temporaries
+    from msdseg.core.lock import FolderLock
+    from msdseg.outputs.provenance import model_sha256
 
     if jobs < 1:
         raise InputError("--jobs must be 1 or more")
+    if case_timeout_s is None:
+        case_timeout_s = case_timeout_from_environment()
     outdir = Path(outdir)
     paths = expand_inputs(inputs, exclude=[outdir])
     if not paths:
         raise InputError("no input images found")
     cases = assign_stems(paths)
+    if dask_address:
+        from msdseg.batch.dask_runner import settings_for_workers
+
+        settings = settings_for_workers(settings)  # before the resume check, which records the same
+    runner = _Runner(jobs, dask_address, overwrite, case_timeout_s, model_sha256(getattr(settings, "model", None)))
+    outdir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(outdir):
+        return _run_locked(cases, outdir, settings, runner, progress_mode, report, cancel)
+
+
+@dataclass(frozen=True)
+class _Runner:
+    """Who runs the cases, and the run-wide options every runner passes to each case."""
+
+    jobs: int
+    dask_address: str | None
+    overwrite: bool
+    timeout_s: float | None
+    expected_model: str  # the model's SHA256 when the run started (see process_case)
+
+
+def _run_locked(cases: list[Case], outdir: Path, settings: Any, runner: _Runner, progress_mode: str,
+                report: bool, cancel: Callable[[], bool] | None) -> int:
+    from msdseg.core.atomic import remove_stale_temporaries
+
     n = len(cases)
     cohort = n > 1
-    outdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(outdir)
     outcomes: dict[str, CaseOutcome] = {}
     display = Display(progress_mode, n)
@@ -372,14 +420,14 @@ def run_cohort(
         try:
             todo = []
             for case in cases:  # cheap header reads: finished cases never reach a worker
-                if not overwrite and _already_done(case, outdir, settings, cohort):
+                if not runner.overwrite and _already_done(case, outdir, settings, cohort):
                     outcomes[case.stem] = CaseOutcome(case, "skipped", "outputs already complete")
                     display.finished_case(outcomes[case.stem], in_process=False)
                 else:
                     todo.append(case)
-            for outcome in _run_cases(todo, outdir, settings, jobs, dask_address, cohort, overwrite, stop, display):
+            for outcome in _run_cases(todo, outdir, settings, runner, cohort, stop, display):
                 outcomes[outcome.case.stem] = outcome
-                display.finished_case(outcome, in_process=jobs == 1 and not dask_address)
+                display.finished_case(outcome, in_process=runner.jobs == 1 and not runner.dask_address)
         finally:
             display.close()
         stopped = stop()
@@ -390,7 +438,7 @@ def run_cohort(
     if cohort:
         write_cohort_files(outdir, ordered, settings, report=report and not stopped,
                            run_info={"output folder": str(outdir), "wall seconds": round(time.time() - t0, 1),
-                                     "jobs": jobs, "dask": dask_address or "no"})
+                                     "jobs": runner.jobs, "dask": runner.dask_address or "no"})
         counts = {s: sum(o.status == s for o in ordered) for s in ("done", "skipped", "failed", "cancelled")}
         summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
         print(f"msdseg: {n} cases: {summary}; cohort files in {outdir}", file=sys.stderr, flush=True)
@@ -403,27 +451,29 @@ def run_cohort(
     return 1 if any(o.status in ("failed", "cancelled") for o in ordered) else 0
 
 
-def _run_cases(todo: list[Case], outdir: Path, settings: Any, jobs: int, dask_address: str | None,
-               cohort: bool, overwrite: bool, stop: Callable[[], bool], display: Display) -> Iterator[CaseOutcome]:
+def _run_cases(todo: list[Case], outdir: Path, settings: Any, runner: _Runner, cohort: bool,
+               stop: Callable[[], bool], display: Display) -> Iterator[CaseOutcome]:
     if not todo:
         return
-    if dask_address:
+    common = {"cohort": cohort, "overwrite": runner.overwrite, "expected_model": runner.expected_model}
+    if runner.dask_address:
         from msdseg.batch.dask_runner import run_dask
 
-        yield from run_dask(todo, outdir, settings, address=dask_address, cohort=cohort, overwrite=overwrite,
-                            stop=stop)
+        yield from run_dask(todo, outdir, settings, address=runner.dask_address, stop=stop,
+                            timeout_s=runner.timeout_s, **common)
         return
-    if jobs > 1 and len(todo) > 1:
-        from msdseg.batch.workers import run_local_pool
+    if runner.jobs > 1 and len(todo) > 1:
+        from msdseg.batch.pool import run_local_pool
 
-        yield from run_local_pool(todo, outdir, settings, jobs=jobs, cohort=cohort, overwrite=overwrite, stop=stop)
+        yield from run_local_pool(todo, outdir, settings, jobs=runner.jobs, stop=stop, timeout_s=runner.timeout_s,
+                                  **common)
         return
     for case in todo:
         if stop():
             yield CaseOutcome(case, "cancelled", "not started")
             continue
-        yield process_case(case, outdir, settings, cohort=cohort, overwrite=overwrite, cancel=stop,
-                           progress=display.case_callback(case))
+        yield process_case(case, outdir, settings, cancel=stop, progress=display.case_callback(case),
+                           timeout_s=runner.timeout_s, **common)
 
 
 # ----------------------------------------------------------------------------- cohort files

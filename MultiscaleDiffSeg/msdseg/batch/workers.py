@@ -1,38 +1,22 @@
-"""One case from input file to finished outputs, and the local process pool that runs many.
+"""One case from input file to finished outputs: the code every runner calls.
 
 :func:`process_case` is the only code that touches a case; the in-process loop, the local pool
 and Dask workers all call it, so resume, failure isolation and the sidecar behave identically
 whatever runs the cohort.  It never raises for a bad case: it returns a :class:`CaseOutcome`
 whose reason is one line, with the full traceback in the case's log (``OUTDIR/logs/S.log``).
 
-Local pool choices (why):
-
-* ``concurrent.futures.ProcessPoolExecutor`` with the **forkserver** start method where it exists
-  (Linux), else **spawn**: never ``fork`` from a process that may already run PyTorch threads.
-  The fork server preloads :mod:`msdseg.inference.pipeline`, so PyTorch is imported once, not once per
-  worker (importing it is a noticeable share of a case's time on a busy CPU).
-* Each worker loads the model once (:func:`msdseg.inference.pipeline.get_model` caches per process) and
-  uses ``max(1, cores // jobs)`` PyTorch threads (capped by ``OMP_NUM_THREADS`` when set), so
-  ``--jobs`` divides the machine instead of oversubscribing it.
-* Cancellation: workers ignore SIGINT (a Ctrl-C reaches the whole process group; the driver
-  decides) and poll a shared event through ``segment_image``'s ``cancel`` callback, so a running
-  case stops at its next diffusion step and writes nothing; a case already writing finishes.
-* A worker that dies (out-of-memory kill, segfault) breaks the pool; the pool is rebuilt and the
-  cases it was running are retried once, then reported as failed.
+The local pool that runs many cases at once is :mod:`msdseg.batch.pool`; the thread helpers here
+serve it and the Dask workers alike.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import signal
 import socket
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from msdseg.core.errors import Cancelled, InputError
 
@@ -98,6 +82,8 @@ def process_case(
     overwrite: bool = False,
     cancel: CancelFn | None = None,
     progress: ProgressFn | None = None,
+    expected_model: str | None = None,
+    timeout_s: float | None = None,
 ) -> CaseOutcome:
     """Segment ``case`` into ``outdir`` unless its outputs are already complete.
 
@@ -105,10 +91,17 @@ def process_case(
     ``S_overlay.png`` (a single-case run writes only the outputs and ``S_provenance.json``).  In a cohort the
     uncertainty is always computed in memory (cheap: one more interpolated channel) so that the
     per-structure mean uncertainty is known; the map is only written with ``--uncertainty``.
+
+    ``expected_model``: the model's SHA256 as the driver saw it when the run started; a case whose
+    worker finds another file (replaced during the run, or another copy on a cluster node) is
+    refused, so one cohort never mixes two models.  ``timeout_s``: the case is stopped at its next
+    cancellation point once it has run this long, and fails saying so.
     """
     outdir = Path(outdir)
     log = CaseLog(outdir if cohort else None, case.stem)
     t0 = time.time()
+    if timeout_s:
+        cancel = _Deadline(cancel, time.monotonic() + timeout_s)
     if cancel is not None and cancel():
         return CaseOutcome(case, "cancelled", "not started")
     try:
@@ -117,6 +110,10 @@ def process_case(
         return CaseOutcome(case, "failed", f"{case.path}: file not found")
     except OSError as exc:
         return CaseOutcome(case, "failed", f"{case.path}: cannot be read ({exc.strerror or exc})")
+    if expected_model and found.identity is not None and found.identity.model_sha256 != expected_model:
+        reason = _model_mismatch(settings, found.identity.model_sha256, expected_model)
+        log.write(f"refused: {reason}")
+        return CaseOutcome(case, "failed", reason)
     if found.state == "foreign" and not overwrite:
         reason = f"{found.reason}: kept; run with --overwrite to replace (a dated backup is kept)"
         log.write(f"refused: {reason}")
@@ -146,6 +143,10 @@ def process_case(
     try:
         info = _segment_and_write(case, outdir, settings, cohort, report, cancel, found)
     except Cancelled:
+        if getattr(cancel, "expired", False):
+            reason = f"timed out after {timeout_s:g} s (the per-case limit); nothing written"
+            log.write(f"failed: {reason}")
+            return CaseOutcome(case, "failed", reason, seconds=time.time() - t0)
         log.write("cancelled: nothing written")
         return CaseOutcome(case, "cancelled", "stopped while running", seconds=time.time() - t0)
     except (InputError, FileNotFoundError) as exc:
@@ -156,6 +157,37 @@ def process_case(
         return CaseOutcome(case, "failed", _one_line(exc), seconds=time.time() - t0)
     log.write(f"done in {time.time() - t0:.1f} s")
     return CaseOutcome(case, "done", info=info, seconds=time.time() - t0)
+
+
+class _Deadline:
+    """A cancel callback that also turns true after a deadline, and remembers that it did."""
+
+    def __init__(self, cancel: CancelFn | None, deadline: float) -> None:
+        self.cancel, self.deadline, self.expired = cancel, deadline, False
+
+    def __call__(self) -> bool:
+        if time.monotonic() >= self.deadline:
+            self.expired = True
+            return True
+        return self.cancel is not None and bool(self.cancel())
+
+
+def _model_mismatch(settings: Any, found: str, expected: str) -> str:
+    where = f"{settings.model}" if getattr(settings, "model", None) else "the shipped model"
+    host = socket.gethostname()
+    if found == "untrained":
+        return f"model file {where} not found on {host}; every worker needs the same model file"
+    return (f"model file {where} on {host} is not the one this run started with (SHA256 {found[:12]}..., "
+            f"expected {expected[:12]}...); every worker needs the same, unchanged model file")
+
+
+def case_files(stem: str) -> set[str]:
+    """Every final file name a case may write (outputs, provenance, sidecar, overlay)."""
+    from msdseg.outputs.provenance import provenance_name
+    from msdseg.outputs.sidecar import overlay_name, sidecar_name
+    from msdseg.outputs.writers import output_names
+
+    return {*output_names(stem).values(), provenance_name(stem), sidecar_name(stem), overlay_name(stem)}
 
 
 def assess_case(case: Case, outdir: Path, settings: Any) -> "Assessment":
@@ -219,11 +251,7 @@ def _replace_outputs(result: Any, outdir: Path, case: Case, found: "Assessment")
     return written
 
 
-# ----------------------------------------------------------------------------- local pool
-_POOL_CANCEL: Any = None  # multiprocessing Event shared with the driver
-_TERMINATED = False
-
-
+# ----------------------------------------------------------------------------- worker threads
 def worker_threads(jobs: int) -> int:
     """PyTorch threads per worker: the machine's cores split over ``jobs`` (OMP_NUM_THREADS caps it)."""
     try:
@@ -245,70 +273,3 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set or parallel work already started
         pass
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    global _TERMINATED
-    _TERMINATED = True
-
-
-def _init_pool_worker(threads: int, cancel_event: Any) -> None:
-    global _POOL_CANCEL
-    _POOL_CANCEL = cancel_event
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    set_torch_threads(threads)
-
-
-def _pool_cancelled() -> bool:
-    return _TERMINATED or (_POOL_CANCEL is not None and _POOL_CANCEL.is_set())
-
-
-def _pool_task(case: Case, outdir: Path, settings: Any, cohort: bool, overwrite: bool) -> CaseOutcome:
-    return process_case(case, outdir, settings, cohort=cohort, overwrite=overwrite, cancel=_pool_cancelled)
-
-
-def pool_context() -> mp.context.BaseContext:
-    """forkserver (PyTorch imported once, in the server) where available, else spawn."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["msdseg.inference.pipeline", "msdseg.batch.workers"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def run_local_pool(cases: Sequence[Case], outdir: Path, settings: Any, *, jobs: int, cohort: bool,
-                   overwrite: bool, stop: CancelFn, max_retries: int = 1) -> Iterator[CaseOutcome]:
-    """Yield each case's outcome as it finishes; after ``stop()`` turns true, running cases are
-    cancelled at their next diffusion step and queued ones return ``cancelled`` at once."""
-    ctx = pool_context()
-    cancel_event = ctx.Event()
-    threads = worker_threads(jobs)
-    queue = list(cases)
-    attempts: dict[str, int] = {}
-    while queue:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(queue)), mp_context=ctx,
-                                 initializer=_init_pool_worker, initargs=(threads, cancel_event)) as pool:
-            futures = {pool.submit(_pool_task, c, outdir, settings, cohort, overwrite): c for c in queue}
-            queue = []
-            pending = set(futures)
-            while pending:
-                if stop() and not cancel_event.is_set():
-                    cancel_event.set()
-                    for f in pending:
-                        f.cancel()  # only cases no worker has taken yet
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    case = futures[fut]
-                    try:
-                        yield fut.result()
-                    except CancelledError:
-                        yield CaseOutcome(case, "cancelled", "not started")
-                    except BrokenProcessPool:
-                        attempts[case.stem] = attempts.get(case.stem, 0) + 1
-                        if attempts[case.stem] <= max_retries and not stop():
-                            queue.append(case)
-                        else:
-                            yield CaseOutcome(case, "failed", "worker process died (killed, e.g. out of memory?)")
-                    except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-                        yield CaseOutcome(case, "failed", _one_line(exc))

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask", default=None, metavar="SCHEDULER",
                    help="send cases to the Dask cluster at this address (e.g. tcp://host:8786); the inputs and "
                         "the output folder must be on a file system the workers share")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail a case that runs longer than this (default: MSDSEG_CASE_TIMEOUT_S, else no limit)")
     p.add_argument("--progress", default="bar", choices=list(PROGRESS_MODES))
     p.add_argument("--no-report", action="store_true",
                    help="several inputs: write the cohort CSVs but not cohort_report.html")
@@ -30,4 +32,5 @@ def run(args: argparse.Namespace) -> int:
     return run_cohort(
         args.inputs, Path(args.output), settings, jobs=args.jobs, dask_address=args.dask,
         overwrite=args.overwrite, progress_mode=args.progress, report=not args.no_report,
+        case_timeout_s=args.case_timeout,
     )

@@ -19,7 +19,7 @@ import secrets
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Collection, Iterator
 
 TMP_PREFIX = ".msdseg-tmp-"
 BACKUP_PREFIX = ".msdseg-bak-"
@@ -175,10 +175,14 @@ class OutputGroup:
         return done
 
 
-def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float = 3600.0) -> list[Path]:
+def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float = 3600.0,
+                             names: Collection[str] | None = None) -> list[Path]:
     """Delete temporaries left by a killed process (``SIGKILL`` skips every cleanup).
 
     Only files older than ``older_than_s`` go, so a concurrent writer's live temporaries survive.
+    ``names`` limits the clean-up to the temporaries and backups of these final file names: the
+    files of one case whose worker is known to be dead, cleaned at once (``older_than_s=0``) while
+    other cases are still being written.
     A commit's backup (``.msdseg-bak-<token>-NAME``) is never deleted for its age: it may be the
     only copy of an earlier output (a kill between moving the old file aside and renaming the new
     one in).  When ``NAME`` is missing it is put back; otherwise it stays for a person to look at.
@@ -189,16 +193,24 @@ def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float =
     now = time.time()
     removed: list[Path] = []
     for p in directory.iterdir():
-        if not p.is_file():
+        if not p.is_file() or not p.name.startswith((BACKUP_PREFIX, TMP_PREFIX)):
+            continue
+        if names is not None and _final_name(p.name) not in names:
             continue
         if p.name.startswith(BACKUP_PREFIX):
-            final = directory / p.name[len(BACKUP_PREFIX):].split("-", 1)[-1]
+            final = directory / _final_name(p.name)
             if not final.exists():
                 with contextlib.suppress(OSError):
                     os.replace(p, final)
         elif p.name.startswith(TMP_PREFIX):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > older_than_s:
+                if older_than_s <= 0 or now - p.stat().st_mtime > older_than_s:
                     p.unlink()
                     removed.append(p)
     return removed
+
+
+def _final_name(hidden: str) -> str:
+    """``.msdseg-tmp-<token>-NAME`` or ``.msdseg-bak-<token>-NAME`` -> ``NAME``."""
+    prefix = BACKUP_PREFIX if hidden.startswith(BACKUP_PREFIX) else TMP_PREFIX
+    return hidden[len(prefix):].split("-", 1)[-1]

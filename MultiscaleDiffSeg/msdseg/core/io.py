@@ -7,6 +7,7 @@ Inputs are only ever read, never modified.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import SimpleITK as sitk
 
 from msdseg.core.errors import InputError
 from msdseg.core.limits import check_limits
+from msdseg.core.truncation import compressed_stream_cut, missing_bytes
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 MIN_SPACING_MM = 0.05
@@ -43,10 +45,15 @@ def read_image(path: str | os.PathLike, *, validate: bool = True) -> sitk.Image:
         raise InputError(f"{p}: is a folder, not an image file")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty")
+    short = missing_bytes(p)  # before any reader runs: ITK's MetaImage reader prints raw lines on a short file
+    if short is not None and short.in_header:
+        raise InputError(f"{p}: {short.text}")
     try:
         if validate:  # from the header alone: a tiny file may describe a huge volume
             size, spacing = _header_geometry(p)
             check_limits(size, spacing, str(p))
+        if short is not None:
+            raise InputError(f"{p}: {short.text}")
         if p.name.lower().endswith((".mgz", ".mgh")):
             image = _read_mgz(p)
         else:
@@ -54,7 +61,8 @@ def read_image(path: str | os.PathLike, *, validate: bool = True) -> sitk.Image:
     except InputError:
         raise
     except Exception as exc:  # SimpleITK/nibabel raise many types; the user needs one line.
-        raise InputError(f"{p}: cannot be read as an image ({_first_line(exc)})") from None
+        reason = compressed_stream_cut(p) or f"cannot be read as an image ({_first_line(exc)})"
+        raise InputError(f"{p}: {reason}") from None
     if validate:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_finite(p)
@@ -83,7 +91,8 @@ def _check_nifti_finite(path: Path) -> None:
     try:
         data = np.asanyarray(nib.load(str(path)).dataobj)
     except Exception as exc:  # noqa: BLE001 - any failure here means the data are incomplete
-        raise InputError(f"{path}: truncated or corrupt image data ({_first_line(exc)})") from None
+        reason = compressed_stream_cut(path) or f"truncated or corrupt image data ({_first_line(exc)})"
+        raise InputError(f"{path}: {reason}") from None
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise InputError(f"{path}: image contains NaN or infinite values")
 
@@ -197,9 +206,15 @@ def ras_affine(image: sitk.Image) -> np.ndarray:
     return affine
 
 
+_ITK_PREFIX = re.compile(r"^(itk::ERROR|ITK ERROR|sitk::ERROR|itk::ExceptionObject)[^:]*:\s*(\w+\(0x[0-9a-f]+\):\s*)?",
+                         re.IGNORECASE)
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = next((line.strip() for line in text if line.strip() and "itk::ERROR" not in line), "")
-    if not msg and text:
-        msg = text[-1].strip()
-    return (msg or type(exc).__name__)[:200]
+    """The informative line of a reader's error: ITK wraps it in a line naming its own source file,
+    and NRRD's chain ends with the actual reason."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception thrown in SimpleITK")]
+    nrrd = [line.split(": ", 1)[-1] for line in lines if line.startswith("[nrrd]")]
+    msg = nrrd[-1] if nrrd else (_ITK_PREFIX.sub("", lines[0]) if lines else "")
+    return (msg.strip() or type(exc).__name__)[:200]
