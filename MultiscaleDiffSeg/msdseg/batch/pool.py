@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from msdseg.core.allocator import keep_freed_memory
 from msdseg.batch.workers import (CancelFn, Case, CaseLog, CaseOutcome, case_files, process_case, set_torch_threads,
                                   worker_threads)
 
@@ -66,6 +67,7 @@ def worker_main(conn: Connection, threads: int, cancel_event: Any) -> None:
     _CANCEL, _CONN = cancel_event, conn
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    keep_freed_memory()  # a pool worker is msdseg's own process (msdseg.core.allocator)
     set_torch_threads(threads)
     while not _TERMINATED:
         try:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from msdseg.cli import demo, info, segment
 from msdseg.cli.commands import add_optional_commands
+from msdseg.core.allocator import keep_freed_memory
 from msdseg.core.errors import Cancelled, InputError
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # this process is msdseg's from start to end (see msdseg.core.allocator)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "unavailable", False):

@@ -168,7 +168,10 @@ def _last_json(log: Path) -> dict[str, Any]:
 def child_main(args: argparse.Namespace) -> int:
     """One volume in a fresh process: phase timings as one JSON line on stdout."""
     t_start = time.perf_counter()
+    from msdseg.core.allocator import keep_freed_memory
     from msdseg.core.settings import SegmentSettings
+
+    keep_freed_memory()  # as the msdseg command does
     from msdseg.inference.pipeline import segment_image
     from msdseg.core.io import load_volume
     from msdseg.outputs.writers import write_case_outputs

@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -55,12 +56,21 @@ class SegmentationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-_MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
+_MODEL_CACHE: dict[tuple, LoadedModel] = {}
 
 
 def get_model(path: str | None, device: torch.device) -> LoadedModel:
-    """Load once per (file, device): cohorts and worker processes reuse the network."""
-    key = (str(path), str(device))
+    """Load once per (file, device): cohorts and worker processes reuse the network.  The file's
+    size and modification time are part of the key, so a model file replaced during a long run is
+    read again instead of being served from memory under its old name."""
+    stamp = None
+    if path is not None:
+        try:
+            st = Path(path).stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None  # load_model reports the missing file
+    key = (str(path), str(device), stamp)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = load_model(path, device)
     return _MODEL_CACHE[key]
