@@ -107,3 +107,45 @@ def test_normalised_entropy_matches_the_textbook_formula():
     expected = -(p * p.log()).sum(0, keepdim=True) / torch.log(torch.tensor(7.0))
     torch.testing.assert_close(normalised_entropy(probs), expected, rtol=1e-5, atol=1e-6)
     assert float(normalised_entropy(probs)[0, 0, 0]) == 0.0
+
+
+def test_each_view_is_released_after_its_last_sample():
+    """Balanced sampling has one sample per view: the first view (and its image features) must be
+    gone before the second view is built."""
+    import gc
+    import weakref
+
+    from msdseg.model.diffusion import ddim_sample
+
+    class View:
+        def __call__(self, x, t):
+            return torch.softmax(x[0] * 0.1, dim=0)[None]
+
+    first = View()
+    alive = weakref.ref(first)
+    seen_alive_in_second = []
+
+    class Second(View):
+        def __call__(self, x, t):
+            gc.collect()
+            seen_alive_in_second.append(alive() is not None)
+            return super().__call__(x, t)
+
+    views = [first, Second()]
+    del first
+    result = ddim_sample(views, (3, 4, 4, 4), steps=2, samples=2)
+    assert seen_alive_in_second == [False, False]
+    assert views == [None, None]
+    assert result.variance is not None  # tracked unless asked not to
+
+
+def test_the_mean_without_variance_equals_the_mean_with_it():
+    from msdseg.model.diffusion import RunningEnsemble
+
+    xs = [torch.rand(3, 5) for _ in range(5)]
+    with_var, without = RunningEnsemble(), RunningEnsemble(track_variance=False)
+    for x in xs:
+        with_var.add(x)
+        without.add(x)
+    torch.testing.assert_close(without.result(1).mean, with_var.result(1).mean)
+    assert without.result(1).variance is None

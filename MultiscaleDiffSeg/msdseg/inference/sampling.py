@@ -150,11 +150,31 @@ def sample_ensemble(
         views = [_denoiser(model, image, coords, entry, ctx, windowed)]
         if mirror_permutation is not None and samples > 1 and steps > 0:
             perm = torch.as_tensor(np.asarray(mirror_permutation), device=device)
-            views.append(_mirrored(_denoiser(model, image.flip(2), coords, entry, ctx, windowed), perm))
+            views.append(_Deferred(lambda: _mirrored(_denoiser(model, image.flip(2), coords, entry, ctx, windowed), perm)))
+        # ddim_sample sets each view in this list to None after its last sample, so the first
+        # view's image features go before the second view computes its own
         return ddim_sample(
             views, shape, steps=steps, samples=samples, seed=seed, device=device,
             progress=progress, cancel=cancel, init=None if init is None else init.to(device), start_step=start_step,
+            track_variance=False,
         )
+
+
+class _Deferred:
+    """A denoiser built on its first call: the mirrored view's image encoder runs when its first
+    sample starts, not before the first view's samples (so both views' features never coexist
+    when each view has its own samples)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._denoise = None
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self._denoise is None:
+            self._denoise = self._build()
+            self._build = None
+        return self._denoise(x_t, t)
+
 
 
 def _denoiser(model, image, coords, entry, ctx, windowed: bool):

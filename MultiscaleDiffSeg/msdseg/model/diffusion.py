@@ -84,17 +84,26 @@ class SamplingResult:
     """Reduced ensemble at the entry depth: all tensors (C or 1, X, Y, Z) on the sampling device."""
 
     mean: torch.Tensor  # fused probability, averaged over samples
-    variance: torch.Tensor  # per-class variance across samples, averaged over classes (1, ...)
-    entropy: torch.Tensor  # normalised entropy of ``mean`` in [0, 1] (1, ...)
+    variance: torch.Tensor | None  # per-class variance across samples, averaged over classes (1, ...)
     samples: int
     steps: int
 
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Normalised entropy of ``mean`` in [0, 1] (1, ...), computed when asked for."""
+        return normalised_entropy(self.mean)
+
 
 class RunningEnsemble:
-    """Welford accumulator over samples: memory is O(1) in the number of samples."""
+    """Welford accumulator over samples: memory is O(1) in the number of samples.
 
-    def __init__(self) -> None:
+    ``track_variance=False`` keeps only the running mean: one label volume less, and fewer passes
+    over it, when nobody reads the spread across samples (segmentation does not: its uncertainty
+    is the calibrated error probability of the mean)."""
+
+    def __init__(self, track_variance: bool = True) -> None:
         self.n = 0
+        self.track_variance = track_variance
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
@@ -102,16 +111,17 @@ class RunningEnsemble:
         self.n += 1
         if self.mean is None:
             self.mean = probs.clone()
-            self.m2 = torch.zeros_like(probs)
+            self.m2 = torch.zeros_like(probs) if self.track_variance else None
             return
         delta = probs - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (probs - self.mean)
+        self.mean.add_(delta, alpha=1.0 / self.n)
+        if self.m2 is not None:
+            self.m2.addcmul_(delta, probs - self.mean)
 
     def result(self, steps: int) -> SamplingResult:
-        assert self.mean is not None and self.m2 is not None
-        var = (self.m2 / max(self.n - 1, 1)).mean(dim=0, keepdim=True)
-        return SamplingResult(self.mean, var, normalised_entropy(self.mean), self.n, steps)
+        assert self.mean is not None
+        var = None if self.m2 is None else (self.m2 / max(self.n - 1, 1)).mean(dim=0, keepdim=True)
+        return SamplingResult(self.mean, var, self.n, steps)
 
 
 def normalised_entropy(probs: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -159,6 +169,7 @@ def ddim_sample(
     cancel: Callable[[], bool] | None = None,
     init: torch.Tensor | None = None,
     start_step: int = 0,
+    track_variance: bool = True,
 ) -> SamplingResult:
     """Run ``samples`` independent DDIM chains of ``steps`` steps and reduce them on the fly.
 
@@ -175,10 +186,11 @@ def ddim_sample(
     ``denoise`` may be a sequence of denoisers that all answer in the same frame (for example one
     that sees the image as stored and one that sees it mirrored and maps its answer back): sample
     ``s`` uses ``denoise[s % len(denoise)]``, so the ensemble mixes views as well as noise draws.
-    The deterministic pass uses the first.
+    The deterministic pass uses the first.  A list is used in place: each view is set to None after
+    its last sample, so whatever it holds (image features) can go before the next view starts.
     """
-    views = list(denoise) if isinstance(denoise, (list, tuple)) else [denoise]
-    ensemble = RunningEnsemble()
+    views = denoise if isinstance(denoise, list) else list(denoise) if isinstance(denoise, tuple) else [denoise]
+    ensemble = RunningEnsemble(track_variance)
     total = max(samples * max(steps, 1), 1)
     done = 0
     if steps == 0:
@@ -221,4 +233,6 @@ def ddim_sample(
             fused = fused / weights.clamp_min(1e-8)
         ensemble.add(fused)
         del fused, weights, x
+        if s + len(views) >= samples:  # no later sample uses this view: let its image features go
+            views[s % len(views)] = None  # type: ignore[call-overload]
     return ensemble.result(steps)
