@@ -128,13 +128,16 @@ class ResBlock(nn.Module):
         self.skip = PointwiseConv3d(in_ch, out_ch) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        skip = self.skip(x)
+        h = self.norm1(x)
+        del x  # a caller that passes a temporary (the decoder's concatenation) frees it here
+        h = self.conv1(F.silu(h, inplace=True))
         if self.film is not None and temb is not None:
             h = self._norm_film(h, temb)
         else:
             h = self.norm2(h)
         h = self.conv2(F.silu(h, inplace=True))
-        return h + self.skip(x)
+        return h.add_(skip) if not h.requires_grad else h + skip
 
     def _norm_film(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``norm2`` then FiLM, ``norm(h) * (1 + scale) + shift``.
@@ -249,8 +252,9 @@ class MultiscaleDiffUNet(nn.Module):
         outs: list[torch.Tensor | None] = [self.heads[-1](h) if not finest_only or self._head_needed(last, entry) else None]
         for i in range(len(image_feats) - 2, -1, -1):
             d = entry + i
-            up = self.ups[d](h)
-            h = self.dec[d](torch.cat([up, skips[i]], dim=1), temb)
+            skip, skips[i] = skips[i], None  # the concatenation below is the block's only reference
+            h = self.dec[d](torch.cat([self.ups[d](h), skip], dim=1), temb)
+            del skip
             if finest_only and not self._head_needed(d, entry):
                 outs.append(None)
                 continue
