@@ -219,6 +219,9 @@ def roofline_child(args: argparse.Namespace) -> int:
     from msdseg.model.modelfile import load_model
     from msdseg.resources import sample_t1_path
 
+    from msdseg.core.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in every msdseg process that segments
     plan = PRESETS[args.preset]
     model = load_model(args.model).model.eval()
     grid = head_grid(sitk.ReadImage(str(sample_t1_path())), plan.spacing_mm)

@@ -155,8 +155,9 @@ def roofline_markdown(result: dict[str, Any], preset: str) -> str:
         f"flags {' '.join(cpu['flags']) or '-'}, oneDNN ISA cap {cpu['isa_cap'] or 'none'}; "
         f"path {result['precision']}, {result['threads']} thread(s), torch {result['torch']}; "
         f"preset {preset}, grid {'x'.join(map(str, result['grid']))}; peak {result['peak_gflops']} GFLOP/s "
-        f"({result['fp32_lanes']} fp32 lanes x 2 FMA pipes x {result['threads']} core(s); assumptions in "
-        "msdseg/evaluation/roofline.py).",
+        f"({result['fp32_lanes']} fp32 lanes x 2 (multiply, add) x 2 FMA pipes"
+        f"{' x 2 (bf16 dot products)' if result['precision'] == 'bf16' else ''} x clock x "
+        f"{min(result['threads'], cpu['cores'])} core(s); assumptions in msdseg/evaluation/roofline.py).",
         "",
         "| pass | GFLOP | best s | GFLOP/s | % of peak | passes per case | s per case |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
