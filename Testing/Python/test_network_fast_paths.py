@@ -149,3 +149,12 @@ def test_the_mean_without_variance_equals_the_mean_with_it():
         without.add(x)
     torch.testing.assert_close(without.result(1).mean, with_var.result(1).mean)
     assert without.result(1).variance is None
+
+
+def test_the_residual_keeps_the_wider_dtype_under_autocast():
+    """An fp32 input added to a bf16 convolution output stays fp32, as in the plain form."""
+    block = ResBlock(8, 8, groups=4).eval()
+    x = torch.randn(1, 8, 4, 4, 4)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.float32

@@ -137,7 +137,9 @@ class ResBlock(nn.Module):
         else:
             h = self.norm2(h)
         h = self.conv2(F.silu(h, inplace=True))
-        return h.add_(skip) if not h.requires_grad else h + skip
+        if h.requires_grad or h.dtype != torch.promote_types(h.dtype, skip.dtype):
+            return h + skip  # autograd, or a wider residual (fp32 input under autocast) decides the dtype
+        return h.add_(skip)
 
     def _norm_film(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``norm2`` then FiLM, ``norm(h) * (1 + scale) + shift``.
