@@ -193,3 +193,28 @@ def test_calibration_runs_of_different_presets_merge_when_fitted_on_the_same_cas
     # a run that fits balanced itself replaces the earlier balanced value
     again = {**first, "presets": {**first["presets"], "balanced": {"temperature": 1.5}}}
     assert merge_calibration(first, again)["presets"]["balanced"] == {"temperature": 1.5}
+
+
+@pytest.mark.unit
+def test_the_temperature_fades_to_one_far_from_the_brain():
+    """Fitted near the labels, the temperature must not soften empty space: at 12 mm and beyond
+    the network's own probabilities are stated, within 6 mm the fitted temperature holds."""
+    import torch
+
+    from msdseg.inference.calibration import (CALIBRATED_MM, UNCALIBRATED_MM, error_probability, temper,
+                                              temperature_field)
+
+    probs = torch.zeros(3, 40, 8, 8)
+    probs[0] = 0.99999
+    probs[1:] = 0.000005
+    probs[:, :4] = torch.tensor([0.1, 0.8, 0.1])[:, None, None, None]  # brain in the first 4 columns (2 mm)
+    field = temperature_field(probs, 2.0, 3.0)
+    assert field.shape == (1, 40, 8, 8)
+    distance_mm = (torch.arange(40) - 3).clamp(min=0) * 2.0
+    near, far = distance_mm <= CALIBRATED_MM, distance_mm >= UNCALIBRATED_MM
+    assert torch.allclose(field[0, near, 0, 0], torch.tensor(3.0))
+    assert torch.allclose(field[0, far, 0, 0], torch.tensor(1.0))
+    assert (field[0, 1:, 0, 0] <= field[0, :-1, 0, 0] + 1e-6).all()
+    u = error_probability(temper(probs, field))[0, :, 0, 0]
+    assert u[far].max() < 1e-4 and u[:4].min() > 0.2
+    assert temperature_field(probs, 2.0, 1.0) == 1.0

@@ -42,7 +42,7 @@ def backproject(
     uncertainty: torch.Tensor | None = None,
     progress: Callable[[float], None] | None = None,
     intensity: IntensityModel | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
 ) -> tuple[sitk.Image, sitk.Image | None]:
     """Labels (uint16, label numbers) and optional uncertainty (float32) on ``image``'s grid.
 
@@ -50,7 +50,8 @@ def backproject(
     Voxels outside the model grid are background with zero uncertainty.  With ``intensity`` the
     labels are the argmax of :meth:`IntensityModel.posterior` at each voxel's own intensity, and the
     uncertainty (when ``uncertainty`` is given, its values are not used) is that posterior's error
-    probability at ``temperature``: the uncertainty belongs to the label the user gets.
+    probability at ``temperature``: the uncertainty belongs to the label the user gets.  A
+    ``temperature`` field (1, X, Y, Z) on the model grid is interpolated to every voxel.
     """
     size = image.GetSize()  # (i, j, k)
     mat = torch.from_numpy(input_index_to_grid_index(image, grid)).float()
@@ -90,7 +91,7 @@ def backproject(
         lab[~inside] = 0
         labels_out[k0:k1, j0:j1, i0:i1] = lut[lab].numpy().astype(np.uint16).transpose(2, 1, 0)
         if unc is not None and intensity is not None:
-            u = error_probability(temper(p, temperature))[0]
+            u = error_probability(temper(p, _at_voxels(temperature, samp)))[0]
             u[~inside] = 0
             unc_out[k0:k1, j0:j1, i0:i1] = u.numpy().transpose(2, 1, 0)  # type: ignore[index]
         elif unc is not None:
@@ -129,6 +130,14 @@ def _project_uncertainty(unc: torch.Tensor, mat: torch.Tensor, shape: torch.Tens
         out[k0:k1, j0:j1, i0:i1] = u.numpy().transpose(2, 1, 0)
         if progress is not None:
             progress((k1 - k_start) / max(k_stop - k_start, 1))
+
+
+def _at_voxels(temperature: float | torch.Tensor, samp: torch.Tensor) -> float | torch.Tensor:
+    """A temperature field (1, X, Y, Z) interpolated at a slab's sample points; a number as it is."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    field = temperature.float().cpu()[None]
+    return F.grid_sample(field, samp, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
 def _share(progress: Callable[[float], None] | None, lo: float, hi: float) -> Callable[[float], None] | None:

@@ -32,7 +32,7 @@ from msdseg.core.labels import LabelTree, load_tree
 from msdseg.core.settings import SegmentSettings
 from msdseg.core.volumes import structure_volumes
 from msdseg.inference.backproject import backproject, intensity_model_for
-from msdseg.inference.calibration import error_probability, temper, temperature_for
+from msdseg.inference.calibration import error_probability, temper, temperature_field, temperature_for
 from msdseg.inference.sampling import preset_inputs, sample_multiscale
 from msdseg.model.devices import is_out_of_memory, resolve_device
 from msdseg.model.modelfile import LoadedModel, load_model
@@ -108,7 +108,8 @@ def segment_image(
     grid = fine_grid or grid  # the grid the result lies on
     # calibrated probabilities: same most likely label, honest confidence
     temperature = temperature_for(loaded.config, settings.preset)
-    error_prob = error_probability(temper(result.mean, temperature))
+    temperatures = temperature_field(result.mean, grid.spacing_mm, temperature)  # fitted near the brain only
+    error_prob = error_probability(temper(result.mean, temperatures))
     source_spacing = image.GetSpacing()  # the detail the scan really has, whatever grid it is answered on
     if settings.output_mm:
         report(0.90, f"answering on a grid of at most {settings.output_mm:g} mm")
@@ -127,7 +128,7 @@ def segment_image(
     labels, unc = backproject(
         result.mean, grid, image, tree.channel_to_aseg,
         uncertainty=error_prob if settings.uncertainty else None, progress=slab_done, intensity=intensity,
-        temperature=temperature,
+        temperature=temperatures,
     )
     arr = sitk.GetArrayViewFromImage(labels)
     volumes = structure_volumes(np.asarray(arr), image.GetSpacing(), tree)
