@@ -92,3 +92,19 @@ def set_uncertainty_overlay(slice_views, uncertainty_node, visible: bool, opacit
     for view in slice_views:
         view.set_foreground_volume_id(uncertainty_node.GetID() if (visible and uncertainty_node) else None)
         view.set_foreground_opacity(float(opacity))
+
+
+def set_uncertainty_range(uncertainty_node, lower: float, upper: float) -> None:
+    """Show only voxels at or above ``lower``; spread the colour map over ``lower``..``upper``."""
+    display = uncertainty_node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(float(lower), float(upper))
+    display.SetThreshold(float(lower), max(1.0, float(upper)))
+    display.ApplyThresholdOn()
+
+
+def ras_to_ijk(volume_node) -> np.ndarray:
+    """The volume's RAS -> IJK matrix (4x4 numpy)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
 from MultiscaleDiffSegLib.mrml import ResultNodes
@@ -26,6 +27,9 @@ class Session:
     uncertainty: sitk.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
     job: SegmentationJob | None = None
+    #: The labels as segmented or opened (numpy k, j, i): what edits are counted against, and what
+    #: the eraser's "restore" mode gives back.
+    reference: np.ndarray | None = None
 
     @property
     def running(self) -> bool:

@@ -34,6 +34,8 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from msdseg.core.labels import LabelTree
 
+from . import editor as editor_ui
+from . import views
 from .panels import SegmentationPanel, VolumesPanel
 
 #: tool id -> (icon, tooltip); the drawer shows the panel of the active tool.
@@ -76,21 +78,35 @@ def build_page(server, app, tree: LabelTree, layout_manager: LayoutManager) -> P
     tool = viewer.name.active_tool
     with VAppLayout(server, template_name="main") as layout:
         layout.root.theme = "dark"
-        client.Style("html { overflow-y: auto; } .msd-panel .v-card-text { padding-top: 4px; }")
+        client.Style("html { overflow-y: auto; } .msd-panel .v-card-text { padding-top: 4px; }"
+                     + views.STYLE + editor_ui.STYLE)
         with VAppBar(density="compact"):
             VToolbarTitle("MultiscaleDiffSeg", style="flex: none;", classes="mr-6")
             html.Div("{{ msd_input_name }}", classes="text-body-2 text-medium-emphasis msd-title-input")
             VSpacer()
+            with html.Div(v_if=("msd_cursor",), classes="text-caption msd-cursor mr-4 text-right",
+                          style="line-height: 1.2;"):
+                html.Div("{{ msd_cursor.label ? msd_cursor.label + ' · ' : '' }}T1 {{ msd_cursor.intensity }}"
+                         "{{ msd_cursor.uncertainty ? ' · uncertainty ' + msd_cursor.uncertainty : '' }}",
+                         classes="msd-cursor-values")
+                html.Div("{{ msd_cursor.position }} · voxel {{ msd_cursor.voxel }}",
+                         classes="text-medium-emphasis msd-cursor-position")
             VProgressCircular(v_if=("msd_running",), model_value=("msd_progress",), size=24, width=3,
                               color="primary", classes="mr-2")
             VProgressCircular(indeterminate=("!!trame__busy",), color="#04a94d", size=16, width=3, classes="mr-4")
         with VMain(), FlexContainer(row=True, fill_height=True):
             layout_manager.initialize_layout_grid(layout)
-        with VNavigationDrawer(permanent=True, location="left", width=360, order=1, disable_resize_watcher=True,
+        with VNavigationDrawer(permanent=True, location="left", width=(f"{tool} === 'volumes' ? 480 : 400",),
+                               order=1, disable_resize_watcher=True,
                                v_model=(viewer.name.is_drawer_visible,)):
             SegmentationPanel(app, tree, v_if=(f"{tool} === 'segmentation'",))
-            editor = SegmentEditorUI(v_if=(f"{tool} === 'editor'",), classes="msd-editor-panel")
-            VolumesPanel(v_if=(f"{tool} === 'volumes'",))
+            with html.Div(v_if=(f"{tool} === 'editor'",), classes="msd-editor-panel d-flex flex-column",
+                          style="height: 100%;"):
+                groups = [(group.id, group.name) for group in tree.children(tree.root.id)]
+                editor = editor_ui.GroupedSegmentEditorUI(groups, style="order: 1; min-height: 0;")
+                editor_ui.EditorHeader(editor, TypedState(server.state, editor_ui.PaintEffectState),
+                                       style="order: 0;")
+            VolumesPanel(app, v_if=(f"{tool} === 'volumes'",))
             volume_property = VolumePropertyUI(v_if=(f"{tool} === 'display'",))
         with VNavigationDrawer(permanent=True, location="left", width=44, order=0, disable_resize_watcher=True), \
                 FlexContainer(fill_height=True):

@@ -24,6 +24,14 @@ Segmenter = Callable[..., SegmentationResult]
 IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
 
 
+def time_left(fraction: float, seconds: float) -> str:
+    """"about 40 s left": the time so far scaled by the work still to do (once there is a rate to go by)."""
+    if fraction < 0.05 or seconds < 3:
+        return "estimating the time left"
+    left = seconds * (1.0 - fraction) / fraction
+    return f"about {left:.0f} s left" if left < 90 else f"about {left / 60:.0f} min left"
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A snapshot of the job, safe to hand to another thread."""
