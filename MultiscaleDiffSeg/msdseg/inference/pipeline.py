@@ -33,8 +33,10 @@ from msdseg.core.settings import SegmentSettings
 from msdseg.core.volumes import structure_volumes
 from msdseg.inference.backproject import backproject, intensity_model_for
 from msdseg.inference.calibration import error_probability, temper, temperature_field, temperature_for
+from msdseg.inference.intensity import worth_refining
 from msdseg.inference.sampling import preset_inputs, sample_multiscale
-from msdseg.model.devices import is_out_of_memory, resolve_device
+from msdseg.inference.stage_weights import stage_plan
+from msdseg.model.devices import autocast_dtype, is_out_of_memory, resolve_device
 from msdseg.model.modelfile import LoadedModel, load_model
 from msdseg.core.volumes import uncertainty_by_structure
 
@@ -104,7 +106,11 @@ def segment_image(
     coarse, fine_grid, fine = preset_inputs(image, grid, plan)
     if check():
         raise Cancelled("cancelled")
-    result, used_device = _sample_with_fallback(model, coarse, fine, plan, settings, device, report, check)
+    mirrored_views = plan.mirror and plan.samples > 1 and plan.steps > 0
+    stages = stage_plan(2 if mirrored_views else 1, plan.steps * plan.samples,
+                        refined=plan.intensity and worth_refining(image.GetSpacing(), grid.spacing_mm),
+                        bf16=autocast_dtype(device, settings.precision) == torch.bfloat16)
+    result, used_device = _sample_with_fallback(model, coarse, fine, plan, settings, device, report, check, stages)
     grid = fine_grid or grid  # the grid the result lies on
     # calibrated probabilities: same most likely label, honest confidence
     temperature = temperature_for(loaded.config, settings.preset)
@@ -112,18 +118,18 @@ def segment_image(
     error_prob = error_probability(temper(result.mean, temperatures))
     source_spacing = image.GetSpacing()  # the detail the scan really has, whatever grid it is answered on
     if settings.output_mm:
-        report(0.90, f"answering on a grid of at most {settings.output_mm:g} mm")
+        report(stages.fit, f"answering on a grid of at most {settings.output_mm:g} mm")
         image = finer_output_grid(image, settings.output_mm)
     if plan.intensity:
-        report(0.90, "fitting this scan's intensities")
+        report(stages.fit, "fitting this scan's intensities")
     intensity = intensity_model_for(result.mean, grid, image, plan, settings.seed, source_spacing)
     step = "labels at the scan's voxels, sharpened by its intensities" if intensity else "mapping labels back to the input grid"
-    report(0.92, step)
+    report(stages.backproject, step)
 
     def slab_done(fraction: float) -> None:  # the back-projection reports and can be cancelled slab by slab
         if check():
             raise Cancelled("cancelled")
-        report(0.92 + 0.07 * fraction, step)
+        report(stages.in_backprojection(fraction), step)
 
     labels, unc = backproject(
         result.mean, grid, image, tree.channel_to_aseg,
@@ -159,7 +165,7 @@ def segment_image(
     return SegmentationResult(labels, unc, volumes, tree, info)
 
 
-def _sample_with_fallback(model, coarse, fine, plan, settings, device, report, check):
+def _sample_with_fallback(model, coarse, fine, plan, settings, device, report, check, stages):
     """Sample on ``device``; on out-of-memory retry in windows, then on the CPU, with a warning.
     ``coarse``/``fine``: the tensors of :func:`preset_inputs`, made once for every attempt."""
     attempts: list[tuple[torch.device, bool | None]] = [(device, None)]
@@ -173,7 +179,7 @@ def _sample_with_fallback(model, coarse, fine, plan, settings, device, report, c
             model.to(dev)
             res = sample_multiscale(
                 model, coarse, plan, settings.seed, dev, settings.precision, windowed,
-                progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=check,
+                progress=lambda f, m: report(stages.in_sampling(f), m), cancel=check,
                 mirror_permutation=load_tree().flip_permutation if plan.mirror else None, fine=fine,
             )
             return res, dev
@@ -186,7 +192,7 @@ def _sample_with_fallback(model, coarse, fine, plan, settings, device, report, c
             msg = f"out of memory on {dev}{' (windowed)' if windowed else ''}; retrying with less memory"
             warnings.warn(msg)
             log.warning(msg)
-            report(0.05, msg)
+            report(stages.sampling, msg)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     raise InputError(f"out of memory even with windowed inference on the CPU ({last_exc})")
