@@ -41,6 +41,11 @@ class Preset:
         """Whether a mirrored view really joins the ensemble (it needs a second sample and steps)."""
         return self.mirror and self.samples > 1 and self.steps > 0
 
+    @property
+    def passes(self) -> tuple[int, int]:
+        """(image-encoder passes, denoiser passes) at the entry spacing: one encoder pass per view."""
+        return (2 if self.mirrored else 1), max(self.steps, 1) * self.samples
+
     def label(self) -> str:
         """``'balanced (2 mm, 4 steps, 2 samples)'``, ``'accurate (2 → 1 mm, ...)'``: what a menu shows."""
         spacing = f"{self.spacing_mm:g}"

@@ -225,8 +225,8 @@ def roofline_child(args: argparse.Namespace) -> int:
     plan = PRESETS[args.preset]
     model = load_model(args.model).model.eval()
     grid = head_grid(sitk.ReadImage(str(sample_t1_path())), plan.spacing_mm)
-    mirrored = plan.mirror and plan.samples > 1 and plan.steps > 0
-    passes = {"encoder pass": 2 if mirrored else 1, "denoiser pass": max(plan.steps, 1) * plan.samples}
+    encoder_passes, denoiser_passes = plan.passes
+    passes = {"encoder pass": encoder_passes, "denoiser pass": denoiser_passes}
     result = roofline(model, tuple(grid.shape), model.cfg.depth_of(plan.spacing_mm), args.precision,
                       args.threads or (os.cpu_count() or 1), passes, args.repeat)
     result["isa"] = args.isa

@@ -106,8 +106,7 @@ def segment_image(
     coarse, fine_grid, fine = preset_inputs(image, grid, plan)
     if check():
         raise Cancelled("cancelled")
-    mirrored_views = plan.mirror and plan.samples > 1 and plan.steps > 0
-    stages = stage_plan(2 if mirrored_views else 1, plan.steps * plan.samples,
+    stages = stage_plan(*plan.passes,
                         refined=plan.intensity and worth_refining(image.GetSpacing(), grid.spacing_mm),
                         bf16=autocast_dtype(device, settings.precision) == torch.bfloat16)
     result, used_device = _sample_with_fallback(model, coarse, fine, plan, settings, device, report, check, stages)
