@@ -1,8 +1,8 @@
 """Where a progress bar should stand after each stage: measured costs, not round numbers.
 
-Costs are in units of one denoiser pass on the same grid and arithmetic path, measured on the
-development CPU with the balanced preset on a 256^3 1 mm T1 (docs/benchmarks.md, "Two cores
-without AVX-512"): on the fp32 path the grid and resampling took about 0.65 passes, an encoder
+Costs are in units of one denoiser pass on the same grid and arithmetic path, taken from the
+stage times of the balanced preset on a 256^3 1 mm T1 on the development CPU (docs/benchmarks.md,
+"Where a default run's time goes"): on the fp32 path the grid and resampling took about 0.65 passes, an encoder
 pass 0.45, the intensity fit 0.8 and the back-projection with the intensity model 2.1 (0.9
 without it).  With bf16 the passes run about twice as fast while the other stages do not, so
 those stages count double there.  The sampling share then follows the preset's own pass count,
