@@ -1,4 +1,5 @@
-"""Synthetic held-out renders: only held-out maps are drawn, the same seed gives the same renders
+"""Synthetic held-out renders: only held-out maps are drawn (or the maps named), never a partial
+reference, the same seed gives the same renders
 (paired comparisons between models), labels stay on their side of the head in the written image,
 unsupervised voxels keep the ignore number, and the summary is a mean with its spread."""
 import json
@@ -10,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from msdseg.core.errors import InputError
-from msdseg.evaluation.heldout_synth import evaluate_synthetic, render_cases, summarise
+from msdseg.evaluation.heldout_synth import evaluate_synthetic, render_cases, renderable_maps, summarise
 from msdseg.training.synth import IGNORE
 
 pytestmark = pytest.mark.unit
@@ -59,6 +60,23 @@ def test_renders_are_repeatable_one_mm_and_keep_sides_and_ignore_label(tmp_path)
 def test_only_held_out_maps_are_rendered(tmp_path):
     with pytest.raises(InputError, match="no held-out label map"):
         list(render_cases(_manifest(tmp_path, role="train"), 1, seed=0))
+
+
+def test_named_maps_are_rendered_and_partial_references_never(tmp_path):
+    manifest = _manifest(tmp_path)
+    doc = json.loads(manifest.read_text())
+    toy = doc["maps"][0]
+    doc["maps"] += [dict(toy, name="atlas", role="train"), dict(toy, name="colin27", reference="partial")]
+    manifest.write_text(json.dumps(doc))
+    assert [m["name"] for m in renderable_maps(manifest)] == ["toy"]  # held out, the partial one left out
+    assert [m["name"] for m in renderable_maps(manifest, ["atlas", "toy"])] == ["atlas", "toy"]
+    for name in ("colin27", "nothing"):
+        with pytest.raises(InputError, match=f"no renderable label map named {name}"):
+            renderable_maps(manifest, [name])
+    doc["maps"] = [dict(toy, reference="partial")]
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="no held-out label map"):
+        renderable_maps(manifest)
 
 
 def test_summary_is_mean_and_spread_and_names_weak_leaves():

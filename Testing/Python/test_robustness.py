@@ -55,7 +55,7 @@ def test_runner_goes_through_a_file_and_scores_each_variant():
         labels.CopyInformation(image)
         return labels
 
-    rows = run(head, head, segment, lambda labels: {"dice_mean_leaves": float(sitk.GetArrayFromImage(labels).mean())})
+    rows = run(head, head, segment, lambda labels, variant: {"dice_mean_leaves": float(sitk.GetArrayFromImage(labels).mean())})
     assert [r["variant"] for r in rows] == list(VARIANTS)
     assert all(pid == sitk.sitkFloat32 for pid, _ in seen)  # read back as the CLI reads (float32)
     assert all(0 < r["dice_mean_leaves"] < 1 and r["seconds"] >= 0 for r in rows)

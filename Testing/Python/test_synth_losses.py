@@ -148,3 +148,63 @@ def test_cut_field_of_view_blanks_image_and_supervision_together():
         assert (~cut & brain).sum() > 2 * (cut & brain).sum()  # ... but at most about a third
         assert float(s.image[0][cut].abs().max()) == 0.0  # nothing acquired there
         assert float(s.image[0][~cut].max()) > 0.5
+
+
+def test_emphasis_weights_the_named_structures_on_both_sides_and_nothing_else():
+    from msdseg.training.losses import leaf_weight_vector
+
+    w = leaf_weight_vector(TREE, {"hippocampus": 2.0, "left_amygdala": 3.0})
+    ch = TREE.leaf_channel
+    assert w[ch["left_hippocampus"]] == w[ch["right_hippocampus"]] == 2.0
+    assert w[ch["left_amygdala"]] == 3.0 and w[ch["right_amygdala"]] == 1.0
+    assert (np.delete(w, [ch["left_hippocampus"], ch["right_hippocampus"], ch["left_amygdala"]]) == 1.0).all()
+    with pytest.raises(ValueError, match="no such structure"):
+        leaf_weight_vector(TREE, {"hipocampus": 2.0})
+
+
+def test_emphasised_structure_costs_more_when_it_is_wrong():
+    """The same mistake on an emphasised leaf raises the loss more than on an ordinary one, and an
+    emphasis of 1 everywhere is exactly the plain loss."""
+    from msdseg.training.losses import leaf_weight_vector
+
+    n = TREE.n_classes
+    rng = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, n, (1, 8, 8, 8), generator=rng)
+    target = torch.nn.functional.one_hot(idx, n).permute(0, 4, 1, 2, 3).float()
+    weight = torch.ones(1, 1, 8, 8, 8)
+    full_c, full_i = torch.ones(1, n, dtype=torch.bool), torch.ones(1, len(TREE.internal), dtype=torch.bool)
+    hip, other = TREE.leaf_channel["left_hippocampus"], TREE.leaf_channel["left_putamen"]
+
+    def wrong_on(channel):
+        logits = target * 20.0
+        logits[:, channel] = -20.0  # this structure is never predicted
+        return [logits]
+
+    plain = HierarchicalLoss(TREE)
+    ones = HierarchicalLoss(TREE, leaf_weights=leaf_weight_vector(TREE, {}))
+    emph = HierarchicalLoss(TREE, leaf_weights=leaf_weight_vector(TREE, {"hippocampus": 3.0}))
+    for ch in (hip, other):
+        assert float(ones(wrong_on(ch), target, weight, full_c, full_i)[0]) == pytest.approx(
+            float(plain(wrong_on(ch), target, weight, full_c, full_i)[0]), rel=1e-6)
+    assert float(emph(wrong_on(hip), target, weight, full_c, full_i)[0]) > \
+        1.5 * float(emph(wrong_on(other), target, weight, full_c, full_i)[0])
+
+
+def test_focus_crops_hold_the_focus_structure_and_off_keeps_the_random_stream():
+    lab, aff = _toy_map()
+    x, y, z = np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij")
+    lab[(x - 62) ** 2 + (y - 35) ** 2 + (z - 30) ** 2 < 16] = 53  # a small lateral "hippocampus"
+    src = [LabelSource.from_array("toy", lab, aff)]
+    hip = TREE.aseg_to_channel[53]
+    plain = SyntheticGenerator(src, TREE, SynthConfig(flip_prob=0.0))
+    off = SyntheticGenerator(src, TREE, SynthConfig(flip_prob=0.0, focus_prob=0.0, focus_labels=(53,)))
+    on = SyntheticGenerator(src, TREE, SynthConfig(flip_prob=0.0, focus_prob=1.0, focus_labels=(53,)))
+    a = plain.sample(np.random.default_rng(5), 1.0, (32, 32, 32))
+    b = off.sample(np.random.default_rng(5), 1.0, (32, 32, 32))
+    assert torch.equal(a.image, b.image)
+    rng = np.random.default_rng(0)
+    with_focus = [float(on.sample(rng, 1.0, (32, 32, 32)).target[hip].sum()) for _ in range(6)]
+    rng = np.random.default_rng(0)
+    without = [float(plain.sample(rng, 1.0, (32, 32, 32)).target[hip].sum()) for _ in range(6)]
+    assert min(with_focus) > 0
+    assert sum(v > 0 for v in without) < 6

@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pred")
     p.add_argument("ref")
     p.add_argument("--ref-labels", default=None, help="CSV/JSON: reference label -> aseg number")
+    p.add_argument("--only-labels", type=int, nargs="+", default=None, metavar="ASEG",
+                   help="score only these leaves (aseg numbers): for a reference that labels a few "
+                        "structures, whose other voxels are not background truth")
     p.add_argument("--uncertainty", default=None, help="uncertainty map of the prediction")
     p.add_argument("-o", "--output", default=None)
     p.add_argument("--name", default=None)
@@ -24,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     ref_map = read_label_map(args.ref_labels) if args.ref_labels else None
     unc = read_image(args.uncertainty) if args.uncertainty else None
-    report = evaluate(read_image(args.pred), read_image(args.ref), load_tree(), ref_label_map=ref_map, uncertainty=unc)
+    report = evaluate(read_image(args.pred), read_image(args.ref), load_tree(), ref_label_map=ref_map, uncertainty=unc,
+                      only_labels=args.only_labels)
     out = Path(args.output or Path(args.pred).parent)
     paths = write_report(report, out, args.name or case_stem(args.pred))
     print(json.dumps({"summary": report.summary, "files": {k: str(v) for k, v in paths.items()}}, indent=1, default=str))

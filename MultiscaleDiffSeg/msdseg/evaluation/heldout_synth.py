@@ -11,6 +11,13 @@ and each render is segmented through the user's path (:func:`msdseg.inference.pi
 the per-case differences between two models are paired. The distance between this score and the real
 T1's is the synthetic-to-real gap.
 
+:func:`render_cases` also draws any other maps of the manifest (leave-one-source-out evaluation,
+:mod:`msdseg.evaluation.loso`, renders a training source's maps). A map labels only its ``defined``
+leaves: the reference keeps exactly those, everything else becomes the ignore number and is not
+scored. Maps whose entry says ``"reference": "partial"`` (a handful of structures drawn on a real
+scan, for scoring that scan only) are never rendered: the generator would paint the rest of the
+brain as one unlabelled tissue, not as anatomy.
+
 Usage: ``python -m msdseg.evaluation.heldout_synth --data DATA/manifest.json [--model M] [--preset P]
 [--cases 6] [--seed 7] -o OUT``; writes ``synthetic_heldout.json`` and per-case reports.
 """
@@ -21,7 +28,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,27 +49,50 @@ def render_config():
     return SynthConfig().whole_brain_scan()
 
 
-def render_cases(manifest: Path, n_cases: int, seed: int) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
-    """(name, image, reference labels in aseg numbers) for ``n_cases`` renders of each held-out map."""
+def renderable_maps(manifest: Path, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Manifest entries to render: the held-out maps, or the maps named in ``names``; entries
+    marked ``"reference": "partial"`` never."""
+    doc = json.loads(manifest.read_text())
+    entries = [m for m in doc.get("maps", []) if m.get("reference") != "partial"]
+    if names is None:
+        maps = [m for m in entries if m.get("role") == "heldout"]
+        if not maps:
+            raise InputError(f"{manifest}: no held-out label map")
+        return maps
+    wanted = list(names)
+    by_name = {m["name"]: m for m in entries}
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise InputError(f"{manifest}: no renderable label map named {missing[0]}")
+    return [by_name[n] for n in wanted]
+
+
+def render_cases(
+    manifest: Path, n_cases: int, seed: int, maps: Iterable[str] | None = None,
+) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
+    """(name, image, reference labels in aseg numbers) for ``n_cases`` renders of each map in
+    ``maps`` (manifest names; default: the held-out maps).  Reference voxels of leaves the map does
+    not define (see :func:`renderable_maps`) carry the ignore number."""
     from msdseg.core.labels import load_tree
     from msdseg.training.synth import LabelSource, SyntheticGenerator
 
-    doc = json.loads(manifest.read_text())
-    maps = [m for m in doc.get("maps", []) if m.get("role") == "heldout"]
-    if not maps:
-        raise InputError(f"{manifest}: no held-out label map")
+    entries = renderable_maps(manifest, maps)
     tree = load_tree()
-    for m in maps:
-        src = LabelSource.from_file(manifest.parent / m["path"], set(m["defined"]))
+    for m in entries:
+        src = LabelSource.from_file(manifest.parent / m["path"], set(m["defined"]), m.get("merged", []))
         src.name = m["name"]
         gen = SyntheticGenerator([src], tree, render_config())
         rng = np.random.default_rng(seed)
         for k in range(n_cases):
             sample = gen.sample(rng, RENDER_MM)
-            labels = tree.channel_to_aseg[sample.target.argmax(0).numpy()]
+            channels = sample.target.argmax(0).numpy()
+            labels = tree.channel_to_aseg[channels]
             # voxels of none of our classes (vessels, chiasm: 255 in the map) keep that number, so
-            # they are scored exactly as on the real held-out T1
-            labels[sample.weight[0].numpy() <= 0] = IGNORE
+            # they are scored exactly as on the real held-out T1; so do leaves the map leaves
+            # undefined (a partial map's white matter, a merged ventricle's split)
+            scored = sample.channel_mask.numpy().copy()
+            scored[0] = True
+            labels[(sample.weight[0].numpy() <= 0) | ~scored[channels]] = IGNORE
             # the generator's grid is RAS-aligned at RENDER_MM; where it sits does not matter here
             affine = np.diag([RENDER_MM, RENDER_MM, RENDER_MM, 1.0])
             yield (f"{m['name']}_synth{k}", image_from_ras_affine(sample.image[0].numpy(), affine),

@@ -17,11 +17,23 @@ Choices and why:
 * **Left/right swaps:** for every lateralised pair (L, R) the prediction is swapped when the crossed
   Dice ``D(pred L, ref R) + D(pred R, ref L)`` exceeds the straight ``D(pred L, ref L) + D(pred R, ref R)``.
   Leaf pairs are counted; hemisphere-level pairs are listed too.
+* **Partial references** (a foreign scheme through ``ref_label_map``, or ``only_labels``: the aseg
+  numbers a reference such as an atlas of a few structures defines): only the leaves the scheme
+  defines are scored, and the mean is over them.  The reference's other voxels mean "none of
+  these", not background: a predicted label the scheme lacks (cortex, white matter, ...) costs
+  nothing, since each defined leaf's Dice compares only that leaf's two masks.
 * **Calibration:** confidence is ``1 - uncertainty`` (or the maximum class probability), error is
   "predicted label != reference label".  Both are evaluated only inside a *brain mask*: the union of
   reference and prediction foreground dilated by ``mask_dilation_mm`` (3 mm).  Without the mask the
   millions of trivially correct background voxels far from the head (confidence ~1, error 0) dominate
-  every bin and make any model look calibrated.  ECE uses ``n_bins`` (15) equal-width bins.  Spearman
+  every bin and make any model look calibrated.  For a partial reference, predicted labels the
+  scheme lacks are first collapsed into "none of these" (0), so the mask is the union of the
+  *defined structures* in either map dilated by 3 mm, and a voxel is wrong when the collapsed
+  prediction differs from the reference (false positives and negatives of the defined structures,
+  and confusions between them); voxels farther out, where the reference says nothing, are never
+  judged.  The confidence there is that of our own label, a lower bound of the confidence in
+  "none of these" when our label is one the scheme lacks.
+  ECE uses ``n_bins`` (15) equal-width bins.  Spearman
   correlations are reported voxel-wise (uncertainty vs error, on a fixed random subsample of at most
   one million masked voxels) and per structure (mean uncertainty over pred ∪ ref of a leaf vs its Dice).
 """
@@ -33,7 +45,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -185,6 +197,23 @@ def defined_leaves(tree: LabelTree, label_map: Mapping[int, int] | None) -> set[
         return {leaf.id for leaf in tree.leaves}
     targets = {int(v) for v in label_map.values()}
     return {leaf.id for leaf in tree.leaves if int(leaf.label) in targets}  # type: ignore[arg-type]
+
+
+def partial_label_map(tree: LabelTree, only_labels: Collection[int],
+                      ref_label_map: Mapping[int, int] | None = None) -> dict[int, int]:
+    """Reference map that keeps only the leaves ``only_labels`` (aseg numbers); any other number -> 0.
+
+    Composed with ``ref_label_map`` when the reference has a foreign numbering.  Numbers that are
+    not leaves of the tree are an :class:`InputError` (a typo must not silently score nothing).
+    """
+    leaves = {int(leaf.label) for leaf in tree.leaves}  # type: ignore[arg-type]
+    wanted = {int(v) for v in only_labels}
+    bad = sorted(wanted - leaves)
+    if bad or not wanted:
+        raise InputError(f"only-labels: {bad or 'none given'} are not leaf aseg numbers of the label tree")
+    if ref_label_map is None:
+        return {v: v for v in sorted(wanted)}
+    return {int(k): int(v) for k, v in ref_label_map.items() if int(v) in wanted}
 
 
 def freesurfer_cortex_map(values: Sequence[int]) -> dict[int, int]:
@@ -469,15 +498,20 @@ def evaluate(
     *,
     n_bins: int = 15,
     mask_dilation_mm: float = 3.0,
+    only_labels: Collection[int] | None = None,
 ) -> EvaluationReport:
     """Per-structure and per-node metrics, L/R swap check and (optionally) calibration.
 
     ``pred`` holds aseg numbers; ``ref`` aseg numbers or a foreign numbering mapped by
     ``ref_label_map`` (foreign number -> aseg number; unmapped numbers count as background).
-    ``uncertainty`` (0..1) and ``probabilities`` are on the prediction's grid.
+    ``only_labels``: the leaf aseg numbers a partial reference defines (after ``ref_label_map``);
+    only they are scored (see the module docstring).  ``uncertainty`` (0..1) and
+    ``probabilities`` are on the prediction's grid.
     """
     tree = tree or load_tree()
     notes: list[str] = []
+    if only_labels is not None:
+        ref_label_map = partial_label_map(tree, only_labels, ref_label_map)
     pred_img, ref_img = _as_image(pred), _as_image(ref)
     unc_img = _as_image(uncertainty) if uncertainty is not None else None
     conf_img = _max_probability(probabilities, pred_img) if probabilities is not None else None
@@ -514,16 +548,21 @@ def evaluate(
     summary = _summary(rows, swaps)
     summary["resampled"] = any(n.startswith("prediction resampled") for n in notes)
 
+    partial = len(leaves_defined) < len(tree.leaves)
+    if partial:
+        summary["reference"] = "partial"
+        summary["scored_leaves"] = sorted(leaves_defined, key=lambda n: tree.leaf_channel[n])
+
     calibration = None
     if unc_arr is not None:
-        mask = brain_mask(_with_geometry(pred_arr, ref_img), _with_geometry(ref_arr, ref_img), mask_dilation_mm)
-        if len(leaves_defined) < len(tree.leaves):
-            # background is undefined in a partial scheme: judge only reference-labelled voxels whose
-            # predicted label the scheme could have produced
-            allowed = np.isin(pred_arr, [0] + [int(tree[n].label) for n in leaves_defined])  # type: ignore[arg-type]
-            mask &= (ref_arr > 0) & allowed
-        error = pred_arr != ref_arr
-        calibration = {"mask": f"union of prediction and reference foreground dilated by {mask_dilation_mm} mm"}
+        judged = pred_arr
+        if partial:  # labels the scheme lacks are "none of these" (module docstring)
+            scheme = [int(tree[n].label) for n in leaves_defined]  # type: ignore[arg-type]
+            judged = np.where(np.isin(pred_arr, scheme), pred_arr, 0)
+        mask = brain_mask(_with_geometry(judged, ref_img), _with_geometry(ref_arr, ref_img), mask_dilation_mm)
+        error = judged != ref_arr
+        what = "defined structures" if partial else "foreground"
+        calibration = {"mask": f"union of prediction and reference {what} dilated by {mask_dilation_mm} mm"}
         if unc_img is not None:
             calibration["uncertainty"] = calibration_metrics(
                 1.0 - unc_arr, unc_arr, error, mask, rows, masks, n_bins, "1 - uncertainty")

@@ -58,6 +58,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nuclei-change", type=float, default=0.0, metavar="PROB",
                    help="share of cases whose deep grey nuclei grow or shrink, each pair again with this "
                         "share (msdseg.training.synth.resize_nuclei); 0 keeps earlier runs' random stream")
+    p.add_argument("--emphasis", nargs="+", default=None, metavar="STRUCTURE=WEIGHT",
+                   help="leaf loss weights, e.g. hippocampus=2 amygdala=2 (both sides; a full leaf id such as "
+                        "left_hippocampus weights one side); every other structure 1")
+    p.add_argument("--focus-crops", type=float, default=0.0, metavar="PROB",
+                   help="share of cropped steps centred on an emphasised structure (weight above 1); "
+                        "0 keeps earlier runs' random stream")
+
+
+def _emphasis(items: list[str] | None, tree) -> dict[str, float] | None:
+    """``["hippocampus=2", ...]`` -> ``{"hippocampus": 2.0}``, checked against the label tree."""
+    from msdseg.training.losses import leaf_weight_vector
+
+    if not items:
+        return None
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value) if sep else float("nan")
+        except ValueError:
+            out[name] = float("nan")
+        if not sep or out[name] != out[name]:
+            raise InputError(f"--emphasis {item}: write STRUCTURE=WEIGHT, e.g. hippocampus=2")
+    try:
+        leaf_weight_vector(tree, out)
+    except ValueError as exc:
+        raise InputError(f"--emphasis: {exc}") from None
+    return out
+
+
+def _focus_labels(emphasis: dict[str, float] | None, tree) -> tuple[int, ...]:
+    """aseg numbers of the leaves whose emphasis is above 1 (the structures focus crops centre on)."""
+    from msdseg.training.losses import leaf_weight_vector
+
+    if not emphasis:
+        return ()
+    weights = leaf_weight_vector(tree, emphasis)
+    return tuple(int(tree.channel_to_aseg[c]) for c in range(1, tree.n_classes) if weights[c] > 1)
 
 
 def load_sources(manifest_path: Path, only: list[str] | None = None):
@@ -116,7 +154,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--horn-scale {args.horn_scale}: give a share between 0 and 1")
     if not 0.0 <= args.nuclei_change <= 1.0:
         raise InputError(f"--nuclei-change {args.nuclei_change}: give a share between 0 and 1")
+    if not 0.0 <= args.focus_crops <= 1.0:
+        raise InputError(f"--focus-crops {args.focus_crops}: give a share between 0 and 1")
     tree = load_tree()
+    emphasis = _emphasis(args.emphasis, tree)
+    if args.focus_crops > 0 and not any(w > 1 for w in (emphasis or {}).values()):
+        raise InputError("--focus-crops needs --emphasis with at least one weight above 1 (the structures to centre on)")
     if args.export:
         from msdseg.training.trainer import export_checkpoint
 
@@ -137,14 +180,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, max_minutes=args.minutes, lr=args.lr,
                       bf16=args.bf16, seed=args.seed, threads=args.threads, init_model=args.init,
                       ema_decay=args.ema_decay, t_top_prob=args.t_top_prob, t_top_min=args.t_top_min,
-                      refine_depths=args.refine_depths, widen=_widths(args.widen))
+                      refine_depths=args.refine_depths, widen=_widths(args.widen), emphasis=emphasis)
     if args.modes:
         try:
             cfg.modes = tuple(TrainMode.parse(m) for m in args.modes)
         except ValueError as exc:
             raise InputError(str(exc)) from None
     synth_cfg = SynthConfig(ventricle_change_prob=args.ventricle_change, nuclei_change_prob=args.nuclei_change,
-                            ventricle_horn_scale=args.horn_scale)
+                            ventricle_horn_scale=args.horn_scale, focus_prob=args.focus_crops,
+                            focus_labels=_focus_labels(emphasis, tree))
     meta = {"data": {"manifest": str(args.data), "sources": sorted({s.name.split('/')[0] for s in sources}),
                      "maps": [s.name for s in sources], "wheels": doc.get("wheels", {})}}
     trainer = Trainer(cfg, tree, synthetic_sample_fn(SyntheticGenerator(sources, tree, synth_cfg)), metadata=meta)

@@ -28,11 +28,14 @@ class LossWeights:
 
 
 def _terms(
-    logp: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, mask: torch.Tensor, p: torch.Tensor | None = None
+    logp: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, mask: torch.Tensor, p: torch.Tensor | None = None,
+    channel_weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Dice, BCE, MSE for log-probabilities ``logp`` and targets ``y`` (B, K, ...), voxel weights
     ``w`` (B, 1, ...; None = all ones, the common case, which saves several full-size products),
-    channel mask (B, K).  Averages over defined channels only.
+    channel mask (B, K).  Averages over defined channels only, weighted by ``channel_weight`` (K,)
+    when given: a weighted mean, so emphasising a few structures shifts the balance between them
+    and the rest without changing the loss's overall scale.
 
     The positive BCE term uses the log-probability itself, never ``log(clamp(p))``: a structure
     whose probability has collapsed towards 0 must still receive a gradient, otherwise a network
@@ -51,7 +54,9 @@ def _terms(
     mse = (sq if w is None else sq * w).sum(dims)
     n_vox = float(np.prod(logp.shape[2:])) if w is None else w.sum(dims).clamp_min(1.0)
     maskf = mask.to(p.dtype)
-    n = maskf.sum().clamp_min(1.0)
+    if channel_weight is not None:
+        maskf = maskf * channel_weight.to(device=p.device, dtype=p.dtype)
+    n = maskf.sum().clamp_min(1e-6)
     return {
         "dice": (dice * maskf).sum() / n,
         "bce": (bce / n_vox * maskf).sum() / n,
@@ -62,11 +67,14 @@ def _terms(
 class HierarchicalLoss:
     """Callable loss over the list of per-depth logits (finest first)."""
 
-    def __init__(self, tree: LabelTree, weights: LossWeights | None = None, depth_weights: list[float] | None = None):
+    def __init__(self, tree: LabelTree, weights: LossWeights | None = None, depth_weights: list[float] | None = None,
+                 leaf_weights: "np.ndarray | None" = None):
+        """``leaf_weights``: one weight per channel (background first), see :func:`leaf_weight_vector`."""
         self.tree = tree
         self.w = weights or LossWeights()
         self.depth_weights = depth_weights
         self._agg = torch.from_numpy(tree.aggregation_matrix)
+        self._leaf_w = None if leaf_weights is None else torch.as_tensor(np.asarray(leaf_weights, dtype=np.float32))
 
     def aggregate(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) channel probabilities -> (B, K, ...) internal node probabilities."""
@@ -96,7 +104,7 @@ class HierarchicalLoss:
             wk = None if full else w
             logp = torch.log_softmax(lg.float(), dim=1)
             p = logp.exp()
-            leaf = _terms(logp, yk, wk, channel_mask, p)
+            leaf = _terms(logp, yk, wk, channel_mask, p, self._leaf_w)
             # Internal nodes are large (hemispheres, cerebrum, ...): log of the summed probability
             # with a small floor is stable there and far cheaper than a log-sum-exp per node.
             pn = self.aggregate(p)
@@ -110,3 +118,25 @@ class HierarchicalLoss:
             parts[f"d{d}_node_dice_loss"] = float(node["dice"].detach())
         parts["loss"] = float(total.detach())
         return total, parts
+
+
+def leaf_weight_vector(tree: LabelTree, emphasis: dict[str, float]) -> np.ndarray:
+    """Per-channel loss weights from ``{"hippocampus": 2.0, ...}``: a name without its side
+    (``left_`` / ``right_``) weights both sides, a full leaf id weights one; every other channel 1.
+
+    Why weights and not more data alone: the leaf terms average over structures, so a structure of
+    a few hundred voxels already counts as much as the cortex; an emphasis makes the network trade
+    a little elsewhere for the structures a reader checks first (the medial temporal lobe).
+    """
+    out = np.ones(tree.n_classes, dtype=np.float32)
+    channel = tree.leaf_channel
+    for name, weight in emphasis.items():
+        if not weight > 0:
+            raise ValueError(f"emphasis {name}={weight}: give a weight above 0")
+        ids = [i for i in (name, f"left_{name}", f"right_{name}") if i in channel]
+        if not ids:
+            known = sorted({i.removeprefix("left_").removeprefix("right_") for i in channel})
+            raise ValueError(f"emphasis {name!r}: no such structure (known: {', '.join(known)})")
+        for i in ids:
+            out[channel[i]] = weight
+    return out

@@ -222,6 +222,11 @@ class SynthConfig:
     # (0 keeps the random stream of older runs)
     nuclei_change_prob: float = 0.0
     nuclei_change_mm: tuple[float, float] = (-1.5, 1.0)  # uniform per pair; > 0 grows
+    # share of cropped cases centred on one of ``focus_labels`` (0 keeps the random stream of older
+    # runs): small structures that uniform crops rarely hold whole get whole, well-placed crops
+    focus_prob: float = 0.0
+    focus_labels: tuple[int, ...] = ()
+    focus_jitter_mm: float = 8.0
 
     def whole_brain_scan(self, **changes) -> "SynthConfig":
         """These ranges without thick slices or a field of view that cuts the brain: the clean
@@ -421,9 +426,31 @@ class SyntheticGenerator:
         full = ModelGrid.centred(src.brain_centre + shift, spacing)
         if crop_shape is None:
             return full, full.centre_ras
-        centre = rng.uniform(src.brain_lo + 20.0, np.maximum(src.brain_hi - 20.0, src.brain_lo + 21.0))
+        focus = self._focus_point(rng, src) if self.cfg.focus_prob > 0 else None
+        if focus is not None:
+            centre = focus
+        else:
+            centre = rng.uniform(src.brain_lo + 20.0, np.maximum(src.brain_hi - 20.0, src.brain_lo + 21.0))
         origin = centre - spacing * (np.array(crop_shape) - 1) / 2.0
         return ModelGrid(tuple(origin), spacing, tuple(crop_shape)), full.centre_ras
+
+    def _focus_point(self, rng, src: LabelSource) -> np.ndarray | None:
+        """With ``focus_prob``, the RAS position of a random voxel of one focus structure (plus a
+        little jitter), else None. The crop is centred there in output space; the deformation
+        applied afterwards moves the structure by at most a few mm, and a mirrored case lands on
+        the twin structure, which is a focus structure too."""
+        if rng.random() >= self.cfg.focus_prob:
+            return None
+        wanted = np.flatnonzero(np.isin(src.classes, self.cfg.focus_labels))
+        if wanted.size == 0:
+            return None
+        cls = int(wanted[int(rng.integers(wanted.size))])  # a class index of src.volume
+        idx = torch.nonzero(src.volume[0, 0] == float(cls))
+        if idx.shape[0] == 0:
+            return None
+        voxel = idx[int(rng.integers(idx.shape[0]))].numpy().astype(float)
+        jitter = rng.uniform(-self.cfg.focus_jitter_mm, self.cfg.focus_jitter_mm, 3)
+        return src.origin_ras + voxel * src.spacing_mm + jitter
 
     def _field_of_view(self, rng, grid: ModelGrid, src: LabelSource) -> torch.Tensor:
         """1 inside, 0 beyond one or two planes cutting into the brain (a scan whose slab

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from msdseg.model.diffusion import make_train_scheduler, noisy_labels
 from msdseg.core.labels import LabelTree
-from msdseg.training.losses import HierarchicalLoss
+from msdseg.training.losses import HierarchicalLoss, leaf_weight_vector
 from msdseg.model.network import ModelConfig, MultiscaleDiffUNet
 from msdseg.training.widen import widen_model
 from msdseg.model.modelfile import load_model, save_model
@@ -94,6 +94,7 @@ class TrainConfig:
     refine_depths: int | None = None  # convert the finest depths' heads to refining heads (model.py)
     widen: tuple[int, ...] | None = None  # grow the init model to these channels (model_widen.py)
     ema_decay: float = 0.999  # 0 disables the weight average
+    emphasis: dict[str, float] | None = None  # structure -> leaf loss weight (losses.leaf_weight_vector)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -145,7 +146,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = make_ema(self.model, cfg.ema_decay)
-        self.loss = HierarchicalLoss(tree, depth_weights=list(cfg.depth_weights))
+        leaf_w = leaf_weight_vector(tree, cfg.emphasis) if cfg.emphasis else None
+        self.loss = HierarchicalLoss(tree, depth_weights=list(cfg.depth_weights), leaf_weights=leaf_w)
         self.sched = make_train_scheduler()
         self.step = 0
         self.rng = np.random.default_rng(cfg.seed)

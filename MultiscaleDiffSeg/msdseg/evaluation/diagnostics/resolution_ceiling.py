@@ -7,6 +7,11 @@ fractions a perfect soft answer would hold), interpolated back trilinearly as
 :mod:`msdseg.inference.backproject` does, and scored against itself.  If a structure's ceiling is high and the
 model's score low, the model, not the grid, is what limits it.
 
+A thick-slice scan answered on its own grid has a harder limit: one label per thick voxel.
+:func:`majority_on_grid` puts a 1 mm label map on such a grid the way the best hard answer would
+(each voxel takes the label covering most of its footprint); scored against the 1 mm map after
+nearest upsampling, that is what the grid alone costs (:mod:`msdseg.evaluation.robustness`).
+
 Usage: ``python -m msdseg.evaluation.diagnostics.resolution_ceiling LABELS.nii.gz [--spacing 2 4]`` (1 mm label maps).
 """
 from __future__ import annotations
@@ -16,11 +21,13 @@ import math
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from msdseg.core.errors import InputError
 from msdseg.core.labels import LabelTree, load_tree
+from msdseg.evaluation.metrics import same_grid
 
 
 def ceiling_dice(channels: np.ndarray, n_classes: int, factor: int) -> dict[int, float]:
@@ -41,6 +48,68 @@ def ceiling_dice(channels: np.ndarray, n_classes: int, factor: int) -> dict[int,
             hit = pred == c
             out[c] = 2.0 * float((hit & ref).sum()) / (float(hit.sum()) + n_ref)
     return out
+
+
+#: label number of "not labelled" voxels in the prepared maps: they do not vote
+IGNORE_LABEL = 255
+
+
+def footprint_factors(grid: sitk.Image, labels: sitk.Image) -> tuple[int, int, int]:
+    """Sub-points per axis of ``grid`` that sample one of its voxels at about ``labels``' spacing."""
+    fine = min(labels.GetSpacing())
+    return tuple(max(1, int(np.ceil(s / fine - 1e-6))) for s in grid.GetSpacing())  # type: ignore[return-value]
+
+
+def majority_on_grid(labels: sitk.Image, grid: sitk.Image, ignore: int | None = IGNORE_LABEL) -> sitk.Image:
+    """``labels`` on ``grid``: each voxel takes the label that covers most of its footprint.
+
+    Why: the best single label of a thick voxel is the argmax of the averaged one-hot map over
+    its extent, not the label at its centre.  Each voxel is sampled at sub-points on a regular
+    lattice over its box (:func:`footprint_factors` per axis: on a grid nested in ``labels``'
+    grid they are exactly the fine voxels it contains), each sub-point takes its nearest ``labels``
+    voxel and votes.  ``ignore`` voxels and sub-points outside ``labels`` do not vote; a voxel
+    without votes gets ``ignore`` (0 when None).  Ties go to the lower label number.  ``labels``
+    itself (same values) when the grids are the same."""
+    if same_grid(labels, grid):
+        return labels
+    arr = sitk.GetArrayViewFromImage(labels)  # (k, j, i)
+    values = np.unique(arr)
+    values = values[values != ignore] if ignore is not None else values
+    compact = np.zeros(int(arr.max()) + 1, np.int64)
+    compact[values] = np.arange(len(values))
+    size = grid.GetSize()
+    n_vox = int(np.prod(size))
+    counts = np.zeros((max(len(values), 1), n_vox), np.uint16)
+    voxel = np.arange(n_vox)
+    to_labels = _index_map(grid, labels)
+    kk, jj, ii = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size[::-1]], indexing="ij")
+    factors = footprint_factors(grid, labels)
+    offsets = [((np.arange(n) + 0.5) / n - 0.5) for n in factors]
+    for oi in offsets[0]:
+        for oj in offsets[1]:
+            for ok in offsets[2]:
+                idx = np.stack([ii.ravel() + oi, jj.ravel() + oj, kk.ravel() + ok, np.ones(n_vox)])
+                src = np.rint(to_labels @ idx)[:3].astype(np.int64)  # (i, j, k) in labels
+                inside = np.all((src >= 0) & (src < np.asarray(labels.GetSize())[:, None]), axis=0)
+                lab = np.full(n_vox, -1 if ignore is None else ignore, np.int64)
+                lab[inside] = arr[src[2, inside], src[1, inside], src[0, inside]]
+                vote = inside & (lab != ignore) if ignore is not None else inside
+                counts[compact[lab[vote]], voxel[vote]] += 1
+    out = values[counts.argmax(0)] if len(values) else np.zeros(n_vox, arr.dtype)
+    out = np.where(counts.sum(0) > 0, out, 0 if ignore is None else ignore).astype(arr.dtype)
+    image = sitk.GetImageFromArray(out.reshape(size[::-1]))
+    image.CopyInformation(grid)
+    return image
+
+
+def _index_map(src: sitk.Image, dst: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking ``src`` voxel indices (i, j, k) to continuous ``dst`` voxel indices."""
+    def index_to_physical(image: sitk.Image) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+        m[:3, 3] = image.GetOrigin()
+        return m
+    return np.linalg.inv(index_to_physical(dst)) @ index_to_physical(src)
 
 
 def ceiling_for_file(path: str, spacings: list[float], tree: LabelTree | None = None) -> dict[float, dict[str, float]]:

