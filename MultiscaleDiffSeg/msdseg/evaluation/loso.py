@@ -227,19 +227,15 @@ def train_fold(fold: Fold, protocol: Protocol, fold_dir: Path, progress: Progres
 
 def leaf_dice(pred: np.ndarray, ref: np.ndarray, tree) -> dict[str, float]:
     """Dice of every leaf present in ``ref`` (aseg numbers; other numbers, such as the ignore label,
-    are no leaf), from one joint histogram: the same Dice as :func:`msdseg.evaluation.metrics.evaluate`
-    without its distances, volumes and swap checks, which cost more than the segmentation of a
-    render at 4 mm and are not read here."""
-    top = int(max(int(tree.channel_to_aseg.max()), int(pred.max()), int(ref.max()))) + 1
-    joint = np.bincount(pred.astype(np.int64).ravel() * top + ref.astype(np.int64).ravel(),
-                        minlength=top * top).reshape(top, top)
-    n_pred, n_ref = joint.sum(1), joint.sum(0)
-    out = {}
-    for leaf in tree.leaves:
-        lab = int(leaf.label)
-        if n_ref[lab] > 0:
-            out[leaf.id] = 2.0 * float(joint[lab, lab]) / float(n_pred[lab] + n_ref[lab])
-    return out
+    are no leaf): :func:`msdseg.evaluation.robustness.leaf_dice`, the Dice of
+    :func:`msdseg.evaluation.metrics.evaluate` without the distances, which cost more than the
+    segmentation of a render at 4 mm and are not read here."""
+    import SimpleITK as sitk
+
+    from msdseg.evaluation.robustness import leaf_dice as dice_only
+
+    present = [int(v) for v in np.unique(ref)]
+    return dice_only(sitk.GetImageFromArray(np.asarray(pred)), sitk.GetImageFromArray(np.asarray(ref)), tree, present)
 
 
 def score_render(image, ref, settings, tree) -> dict[str, Any]:
